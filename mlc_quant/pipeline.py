@@ -1,0 +1,132 @@
+"""The whole pipeline in one place: annotate -> calibrate -> smooth -> quantize -> dispatch -> build.
+
+Every step is a Relax pass (``mlc_quant.passes``) plus, where weights change, a numpy transform
+of the params dict; weights stay function parameters throughout, so the same code serves a
+single matmul and a 7B model. ``mlc_quant.quantize`` (the API) and ``scripts/build.py`` (LLMs)
+both call :func:`quantize_module`; they differ only in how calibration data is fed.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import tvm
+from tvm import IRModule, relax
+
+from mlc_quant.observers import ChannelStatsObserver
+from mlc_quant.passes import AnnotateLinear, CollectStats, QuantizeLinear, SmoothLinear, module_linears
+from mlc_quant.passes.smooth_linear import find_smoothing_groups
+from mlc_quant.schemes import QuantScheme, get_scheme
+from mlc_quant.smoothing import linear_weight_nk, plan_smoothing, smooth_params
+
+log = logging.getLogger("mlc_quant")
+
+# calibrate(stats_module, function_names) -> observer holding the merged statistics
+Calibrator = Callable[[IRModule, List[str]], ChannelStatsObserver]
+
+
+@dataclass
+class QuantizeResult:
+    mod: IRModule  # quantized module; weights are function parameters
+    params: Dict[str, np.ndarray]  # its weight params (int8 weights, scales, untouched floats)
+    stats: Optional[ChannelStatsObserver]
+    summary: Dict = field(default_factory=dict)  # what was done, for mlc-quant-config.json
+
+
+def annotate(mod: IRModule, params: Mapping[str, np.ndarray]) -> IRModule:
+    """Step 0: find the linears; check the params against the module."""
+    all_params = {p.name for f in mod.functions.values() if isinstance(f, relax.Function) for p in f.params}
+    unknown = sorted(set(params) - all_params)
+    if unknown:
+        raise ValueError(f"params {unknown} are not parameters of any function in the module "
+                         f"(its parameters: {sorted(all_params)})")
+    mod = AnnotateLinear(weight_names=list(params))(mod)
+    if not module_linears(mod):
+        raise ValueError("the module has no linear op: expected matmul(x, permute_dims(w)) or matmul(x, w) with "
+                         "w a weight named in params")
+    return mod
+
+
+def quantize_module(mod: IRModule, params: Mapping[str, np.ndarray], scheme: str | QuantScheme,
+                    calibrate: Calibrator, alpha: float = 0.5, smooth: bool = True,
+                    func_names: Optional[Sequence[str]] = None) -> QuantizeResult:
+    scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1] (SmoothQuant migration strength), got {alpha}")
+    mod = annotate(mod, params)
+    sites = {s.name: s for ss in module_linears(mod).values() for s in ss}
+    funcs = list(func_names) if func_names else list(module_linears(mod))
+    summary = {"scheme": scheme.name, "alpha": alpha, "smooth": bool(smooth and scheme.quantizes),
+               "linears": len(sites)}
+    if not scheme.quantizes:
+        return QuantizeResult(mod, dict(params), None, summary)
+    layouts = {n: s.transposed for n, s in sites.items()}
+
+    # 1. calibrate: one pass, running per-channel stats (O(channels) memory)
+    observer = None
+    if smooth or scheme.static_activations:
+        observer = calibrate(CollectStats(scheme.stat_kinds)(mod), funcs)
+        never_ran = sorted(set(sites) - set(observer.names()))
+        if never_ran:
+            raise ValueError(f"calibration never reached linears {never_ran}: calibrate every function that "
+                             f"uses them (func_names={funcs})")
+        summary["calibration_batches"] = observer.num_updates
+
+    # 2. smooth: factors from stats and weights; fold 1/s into producers or multiply explicitly
+    inv_scale: Dict[str, np.ndarray] = {}
+    if smooth:
+        groups = find_smoothing_groups(mod)
+        factors = plan_smoothing(groups, observer.as_dict(), params, layouts, alpha)
+        params = smooth_params(dict(params), groups, factors, layouts)
+        explicit = {}
+        for g in groups:
+            if g.linears in factors:
+                for n in g.linears:
+                    inv_scale[n] = 1.0 / factors[g.linears]
+                    if g.fold == "none":
+                        explicit[n] = inv_scale[n]
+        mod = SmoothLinear(explicit)(mod)
+        summary["smoothing_groups"] = {fold: sum(g.fold == fold for g in groups)
+                                       for fold in ("norm", "linear", "none", "skip")}
+
+    # 3. quantize: activation qparams from (smoothed) stats, int8 weights, the int8 IR
+    act = {n: scheme.act_qparams(observer.stats(n), inv_scale.get(n)) for n in sites} \
+        if scheme.static_activations else {}
+    qparams = dict(params)
+    for name, site in sites.items():
+        qparams.update(scheme.quantize_weight(name, linear_weight_nk(params[name], site.transposed), act.get(name)))
+    mod = QuantizeLinear(scheme, act)(mod)
+    used = {p.name for f in mod.functions.values() if isinstance(f, relax.Function) for p in f.params}
+    qparams = {k: v for k, v in qparams.items() if k in used}
+    if act:
+        summary["activation_scales"] = {n: [a.scale, a.zero_point] for n, a in act.items()}
+    return QuantizeResult(mod, qparams, observer, summary)
+
+
+def bind_params(mod: IRModule, params: Mapping[str, np.ndarray]) -> IRModule:
+    """Bind weight params as constants in every function that takes them."""
+    for gvar, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            mine = {p.name: params[p.name] for p in func.params if p.name in params}
+            if mine:
+                mod = relax.transform.BindParams(gvar.name_hint, mine)(mod)
+                if "num_input" in (mod[gvar.name_hint].attrs or {}):
+                    mod[gvar.name_hint] = mod[gvar.name_hint].without_attr("num_input")
+    return mod
+
+
+def dispatch(mod: IRModule, target: tvm.target.Target) -> IRModule:
+    """4. dispatch: on CUDA every GEMM goes to an external kernel (cuBLASLt / CUTLASS)."""
+    if target.kind.name == "cuda":
+        from mlc_quant.cuda_dispatch import dispatch_gemms  # needs nvcc; imported only for CUDA
+
+        return dispatch_gemms(mod)
+    return mod
+
+
+def build(mod: IRModule, target="llvm"):
+    """5. build: dispatch, then compile with TVM's default Relax pipeline."""
+    target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
+    return tvm.compile(dispatch(mod, target), target)

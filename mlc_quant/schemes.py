@@ -1,0 +1,171 @@
+"""Quantization schemes: one registry maps a scheme name to a small config dataclass.
+
+Each scheme knows (a) how to turn calibration statistics into activation quantization
+parameters, (b) how to quantize a weight in numpy (the params transform), and (c) how to emit
+the quantized linear in Relax (used by the QuantizeLinear pass). The emitted IR is the contract
+that the CUDA dispatch patterns match (docs/design.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+from tvm import relax
+
+# Smallest scale we ever emit: an all-zero channel or tensor must give a finite, harmless scale.
+_EPS = 1e-8
+INT8_MIN, INT8_MAX = -128, 127
+
+ACT_KINDS = ("none", "per_tensor_sym", "per_tensor_asym", "per_token_sym")
+WEIGHT_KINDS = ("none", "per_tensor_sym", "per_channel_sym", "per_channel_asym")
+
+
+@dataclass(frozen=True)
+class ActQParams:
+    """Static activation quantization parameters of one linear (per-tensor)."""
+
+    scale: float
+    zero_point: int = 0
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """A W8A8 (or float) scheme: how activations and weights are quantized."""
+
+    name: str
+    act: str
+    weight: str
+    description: str
+
+    # ---- properties -------------------------------------------------------------------------
+    @property
+    def quantizes(self) -> bool:
+        return self.weight != "none"
+
+    @property
+    def static_activations(self) -> bool:
+        return self.act in ("per_tensor_sym", "per_tensor_asym")
+
+    @property
+    def stat_kinds(self) -> Tuple[str, ...]:
+        """Statistics calibration must collect (smoothing always needs absmax)."""
+        return ("absmax", "min", "max") if self.act == "per_tensor_asym" else ("absmax",)
+
+    # ---- activations ------------------------------------------------------------------------
+    def act_qparams(self, stats: Dict[str, np.ndarray], inv_smooth: Optional[np.ndarray] = None) -> Optional[ActQParams]:
+        """Per-tensor activation scale (and zero point) from per-channel stats of one linear.
+
+        ``inv_smooth`` is 1/s of the smoothing applied to this input (x' = x / s), so the stats
+        of the smoothed activation follow without a second calibration pass.
+        """
+        if not self.static_activations:
+            return None
+        f = np.ones_like(stats["absmax"]) if inv_smooth is None else inv_smooth.astype(np.float64)
+        if self.act == "per_tensor_sym":
+            amax = float(np.max(stats["absmax"].astype(np.float64) * f))
+            return ActQParams(max(amax, _EPS) / INT8_MAX)
+        lo = min(float(np.min(stats["min"].astype(np.float64) * f)), 0.0)
+        hi = max(float(np.max(stats["max"].astype(np.float64) * f)), 0.0)
+        scale = max(hi - lo, _EPS) / (INT8_MAX - INT8_MIN)
+        zp = int(np.clip(np.round(INT8_MIN - lo / scale), INT8_MIN, INT8_MAX))
+        return ActQParams(scale, zp)
+
+    # ---- weights ----------------------------------------------------------------------------
+    def weight_param_specs(self, name: str, n: int, k: int) -> List[Tuple[str, Tuple[int, ...], str]]:
+        """Names, shapes and dtypes of the params that replace weight ``name`` ([n, k])."""
+        if self.weight == "per_tensor_sym":
+            return [(f"{name}.q", (n, k), "int8"), (f"{name}.scale", (), "float32")]
+        specs = [(f"{name}.q", (n, k), "int8"), (f"{name}.scale", (n,), "float32")]
+        if self.weight == "per_channel_asym":
+            # zero point and the precomputed int32 correction c = z_x*colsum(wq) - K*z_x*z_w
+            specs += [(f"{name}.zp", (n,), "int32"), (f"{name}.corr", (n,), "int32")]
+        return specs
+
+    def quantize_weight(self, name: str, w: np.ndarray, act: Optional[ActQParams]) -> Dict[str, np.ndarray]:
+        """Quantize one weight ``w`` ([n, k], nn.Linear layout) into the params of its specs.
+
+        The dequantize scale folds the activation scale in (s_x * s_w) for static schemes, so the
+        int32 accumulator needs one multiply.
+        """
+        w = np.asarray(w, dtype=np.float32)
+        sx = act.scale if act is not None else 1.0
+        if self.weight == "per_tensor_sym":
+            sw = max(float(np.max(np.abs(w))), _EPS) / INT8_MAX
+            wq = np.clip(np.round(w / np.float32(sw)), -INT8_MAX, INT8_MAX).astype(np.int8)
+            return {f"{name}.q": wq, f"{name}.scale": np.array(sw * sx, dtype=np.float32)}
+        if self.weight == "per_channel_sym":
+            sw = np.maximum(np.max(np.abs(w), axis=1), _EPS) / INT8_MAX
+            wq = np.clip(np.round(w / sw[:, None].astype(np.float32)), -INT8_MAX, INT8_MAX).astype(np.int8)
+            return {f"{name}.q": wq, f"{name}.scale": (sw * sx).astype(np.float32)}
+        assert self.weight == "per_channel_asym", self.weight
+        lo = np.minimum(w.min(axis=1), 0.0).astype(np.float64)
+        hi = np.maximum(w.max(axis=1), 0.0).astype(np.float64)
+        sw = np.maximum(hi - lo, _EPS) / (INT8_MAX - INT8_MIN)
+        zw = np.clip(np.round(INT8_MIN - lo / sw), INT8_MIN, INT8_MAX).astype(np.int64)
+        wq = np.clip(np.round(w / sw[:, None].astype(np.float32)) + zw[:, None], INT8_MIN, INT8_MAX).astype(np.int8)
+        zx = act.zero_point if act is not None else 0
+        k = w.shape[1]
+        corr = zx * wq.astype(np.int64).sum(axis=1) - k * zx * zw
+        return {
+            f"{name}.q": wq,
+            f"{name}.scale": (sw * sx).astype(np.float32),
+            f"{name}.zp": zw.astype(np.int32),
+            f"{name}.corr": corr.astype(np.int32),
+        }
+
+    # ---- IR ---------------------------------------------------------------------------------
+    def emit_linear(self, bb: relax.BlockBuilder, x: relax.Expr, wparams: Dict[str, relax.Expr],
+                    name: str, act: Optional[ActQParams]) -> relax.Expr:
+        """The quantized replacement of ``matmul(x, W^T)`` (see docs/design.md).
+
+        Intermediate values are emitted into ``bb``; the final expression is returned unbound so
+        the caller can bind it to the original var (keeping names and dataflow scoping).
+        """
+        op = relax.op
+        dtype = str(x.ty.dtype)
+        wq_t = bb.emit(op.permute_dims(wparams[f"{name}.q"]))
+        if self.act == "per_token_sym":
+            xf = x if dtype == "float32" else bb.emit(op.astype(x, "float32"))
+            amax = bb.emit(op.max(op.abs(xf), axis=[-1], keepdims=True))
+            s = bb.emit(op.maximum(op.divide(amax, relax.const(float(INT8_MAX), "float32")),
+                                   relax.const(_EPS, "float32")))
+            xq = bb.emit(op.astype(op.clip(op.round(op.divide(xf, s)), -INT8_MAX, INT8_MAX), "int8"))
+            acc = bb.emit(op.matmul(xq, wq_t, out_dtype="int32"))
+            y = op.multiply(op.multiply(op.astype(acc, "float32"), s), wparams[f"{name}.scale"])
+            return y if dtype == "float32" else op.astype(bb.emit(y), dtype)
+        zx = act.zero_point if self.act == "per_tensor_asym" else 0
+        xq = bb.emit(op.quantize(x, relax.const(act.scale, "float32"), relax.const(zx, "int8"),
+                                 axis=-1, out_dtype="int8"))
+        acc = bb.emit(op.matmul(xq, wq_t, out_dtype="int32"))
+        if self.weight == "per_channel_asym":
+            rs = bb.emit(op.sum(op.astype(xq, "int32"), axis=[-1], keepdims=True))
+            acc = bb.emit(op.subtract(op.subtract(acc, op.multiply(rs, wparams[f"{name}.zp"])),
+                                      wparams[f"{name}.corr"]))
+        return op.dequantize(acc, wparams[f"{name}.scale"], relax.const(0, "int32"),
+                             axis=-1, out_dtype=dtype)
+
+
+SCHEMES: Dict[str, QuantScheme] = {
+    s.name: s
+    for s in [
+        QuantScheme("q0f32", "none", "none", "no quantization (float32 baseline)"),
+        QuantScheme("q0f16", "none", "none", "no quantization (float16 baseline on CUDA)"),
+        QuantScheme("smq_q8i8f16_0", "per_tensor_sym", "per_tensor_sym",
+                    "W8A8: int8 per-tensor symmetric static activations, int8 per-tensor symmetric weights"),
+        QuantScheme("smq_q8i8f16_1", "per_tensor_sym", "per_channel_sym",
+                    "W8A8: int8 per-tensor symmetric static activations, int8 per-channel symmetric weights"),
+        QuantScheme("smq_q8i8f16_2", "per_tensor_asym", "per_channel_asym",
+                    "W8A8: int8 per-tensor asymmetric static activations, int8 per-channel asymmetric weights"),
+        QuantScheme("smq_q8i8f16_3", "per_token_sym", "per_channel_sym",
+                    "W8A8: int8 per-token dynamic symmetric activations, int8 per-channel symmetric weights"),
+    ]
+}
+
+
+def get_scheme(name: str) -> QuantScheme:
+    """The scheme registered as ``name``; a clear error listing the valid names otherwise."""
+    try:
+        return SCHEMES[name]
+    except KeyError:
+        raise ValueError(f"unknown quantization scheme {name!r}; valid schemes: {', '.join(SCHEMES)}") from None

@@ -1,0 +1,11 @@
+"""Relax passes of mlc-quant, one per file (installed as ``mlc_quant.passes``)."""
+from .annotate_linear import AnnotateLinear
+from .collect_stats import CollectStats
+from ._linear import LinearSite, find_linears, module_linears, LINEARS_ATTR, STATS_ATTR
+
+__all__ = ["AnnotateLinear", "CollectStats", "LinearSite", "find_linears", "module_linears",
+           "LINEARS_ATTR", "STATS_ATTR"]
+from .smooth_linear import SmoothLinear, SmoothGroup, find_smoothing_groups
+from .quantize_linear import QuantizeLinear
+
+__all__ += ["SmoothLinear", "SmoothGroup", "find_smoothing_groups", "QuantizeLinear"]
