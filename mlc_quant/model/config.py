@@ -105,6 +105,11 @@ class LlamaConfig:  # pylint: disable=too-many-instance-attributes
                 f"unsupported architecture {archs or config.get('model_type')!r}; "
                 f"supported: {sorted(SUPPORTED_HF_ARCHITECTURES)}"
             )
+        if config.get("mlp_bias") or config.get("hidden_act", "silu") != "silu":
+            raise ValueError(
+                f"{arch} with mlp_bias={config.get('mlp_bias')}, "
+                f"hidden_act={config.get('hidden_act')!r} is not supported (need no MLP bias, silu)"
+            )
         # transformers 5 moved rope_theta/rope_scaling into `rope_parameters`.
         rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
         rope_theta = config.get("rope_theta", rope.pop("rope_theta", 10000.0))
