@@ -1,0 +1,62 @@
+"""CUDA kernels of mlc_quant: W8A8 GEMMs with fused dequantize (CUTLASS sm90, cuBLASLt) and the
+fp16 GEMM of the q0f16 baseline, exposed as tvm-ffi functions.
+
+C++ sources live next to this file; :func:`build_kernels` compiles them with nvcc (no GPU
+needed) into PIC objects that a CUDA build links into its exported library.
+
+Exported tvm-ffi functions (DPS: the output is the last argument):
+
+- ``mlcq_linear(scheme, backend, x, w, w_kn, x_scale, x_zero, token_scale, scale, w_zero, corr,
+  row_sum, bias, out)``: one linear (schemes/backends in :class:`Scheme`/:class:`Backend`,
+  absent operands ``None``).
+- ``mlcq_last_kernel() -> str``: which kernel the last ``mlcq_linear`` on this thread ran.
+- ``mlcq_int8_gemm_i32(x, w, out)``: plain cuBLASLt int8 GEMM (int32 out), the baseline.
+- ``mlcq_quantize(x, scale, zero, token_scale, q, row_sum)``: activation quantization alone.
+"""
+from enum import IntEnum
+
+from .build import (
+    KernelBuildError,
+    build_kernels,
+    build_shared_library,
+    compile_wrapper,
+    cublas_paths,
+    cutlass_include,
+    find_nvcc,
+    link_options,
+)
+
+
+class Scheme(IntEnum):
+    """Mirrors mlcq::Scheme (mlcq_api.h)."""
+
+    FLOAT = 0
+    SYMMETRIC = 1
+    ASYMMETRIC = 2
+    PER_TOKEN = 3
+
+
+class Backend(IntEnum):
+    """Mirrors mlcq::Backend (mlcq_api.h)."""
+
+    AUTO = 0
+    CUTLASS = 1
+    CUTLASS0 = 2
+    CUTLASS1 = 3
+    CUTLASS2 = 4
+    CUBLASLT = 5
+    SIMT = 6
+
+
+__all__ = [
+    "Backend",
+    "KernelBuildError",
+    "Scheme",
+    "build_kernels",
+    "build_shared_library",
+    "compile_wrapper",
+    "cublas_paths",
+    "cutlass_include",
+    "find_nvcc",
+    "link_options",
+]

@@ -1,0 +1,567 @@
+"""Offload the GEMMs of a CUDA build to mlc_quant's kernels through Relax BYOC.
+
+``dispatch_gemms(mod)`` is the one entry point:
+
+1. ``FuseOpsByPattern(patterns, annotate_codegen=True)`` groups each quantized linear of the
+   docs/design.md contract (quantize -> int8 matmul -> dequantize, the asymmetric and per-token
+   variants, each with an optional bias ``add``) into a composite function for the
+   ``mlc_cutlass`` codegen, and each float linear ``matmul(x, permute_dims(w))`` /
+   ``matmul(x, w)`` (+ bias) into one for ``mlc_cublaslt``. Constants are lifted to arguments
+   (``bind_constants=False``) so bound weights stay VM constants and are not copied into code.
+2. ``RunCodegen`` calls ``relax.ext.mlc_cutlass`` / ``relax.ext.mlc_cublaslt`` (registered here):
+   for every composite they generate a small C++ tvm-ffi function named after its global symbol
+   that maps the composite's arguments onto ``mlcq::RunLinear`` (mlc_quant/kernels/mlcq_api.h),
+   compile it with g++ and return it as a static library module.
+3. The kernel objects (:func:`mlc_quant.kernels.build_kernels`) are attached once to the module's
+   ``external_mods``, so ``tvm.compile`` + ``export_library(path, options=link_options())`` links
+   everything into one shared library (see :func:`export_library`).
+
+Shapes that the fastest kernel cannot take (K % 16 or N % 8 for CUTLASS) are still offloaded:
+the kernel library falls back at run time to cuBLASLt + an epilogue kernel, or a CUDA-core GEMM,
+and ``dispatch_gemms`` logs which static shapes will take such a path.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.backend.utils import has_leaking_intermediate_variables
+from tvm.relax.dpl import DFPattern, is_const, is_op, wildcard
+from tvm.relax.transform import FusionPattern, PatternCheckContext
+
+from . import kernels as _kernels
+from .kernels import Scheme
+
+logger = logging.getLogger(__name__)
+
+INT8_CODEGEN = "mlc_cutlass"  # W8A8 linears: CUTLASS sm90 (fused dequantize), fallbacks inside
+FLOAT_CODEGEN = "mlc_cublaslt"  # float linears: cuBLASLt
+_FLOATS = ("float16", "bfloat16", "float32")
+
+
+class DispatchError(RuntimeError):
+    """A GEMM could not be offloaded while ``strict=True``, or codegen failed."""
+
+
+# --------------------------------------------------------------------------------------------
+# patterns
+
+
+@dataclass
+class _Spec:
+    name: str  # "<codegen>.<kind>", the composite's "Composite" attribute
+    scheme: Scheme
+    pattern: DFPattern
+    roles: Dict[str, DFPattern]  # LinearArgs field -> sub-pattern (matched to a composite param)
+    parts: Dict[str, DFPattern] = field(default_factory=dict)  # other sub-patterns the check reads
+    w_kn: bool = False
+
+    def fusion_pattern(self) -> FusionPattern:
+        annotations = {**self.roles, **{f"_{k}": v for k, v in self.parts.items()}}
+        return FusionPattern(self.name, self.pattern, annotations, self._check)
+
+    def _check(self, ctx: PatternCheckContext) -> bool:
+        if has_leaking_intermediate_variables(ctx):
+            return False  # an intermediate (e.g. a shared quantized x) is used elsewhere
+        exprs = {k.lstrip("_"): v for k, v in ctx.annotated_expr.items()}
+        try:
+            return _CHECKS[self.scheme](self, exprs, ctx.matched_expr)
+        except (AttributeError, TypeError, ValueError, IndexError):
+            return False
+
+
+def _add_bias(y: DFPattern, roles: Dict[str, DFPattern]) -> DFPattern:
+    roles["bias"] = b = wildcard()
+    return is_op("relax.add")(y, b)  # add is matched commutatively
+
+
+def _int8_x(quantize_inside: bool, roles, parts, per_token_scale: Optional[DFPattern] = None):
+    """The int8 activation: a quantize of float x inside the composite, or int8 x given."""
+    x = wildcard()
+    roles["x"] = x
+    if not quantize_inside:
+        return x
+    if per_token_scale is None:  # static per-tensor: R.quantize
+        sx, zx = wildcard(), wildcard()
+        roles["x_scale"], roles["x_zero"] = sx, zx
+        parts["quantize"] = q = is_op("relax.quantize")(x, sx, zx)
+        return q
+    # per-token: astype(clip(round(astype(x, f32) / s), -127, 127), int8)
+    xf = is_op("relax.astype")(x) | x
+    parts["divide"] = d = is_op("relax.divide")(xf, per_token_scale)
+    parts["clip"] = c = is_op("relax.clip")(is_op("relax.round")(d), wildcard(), wildcard())
+    parts["quantize"] = q = is_op("relax.astype")(c)
+    return q
+
+
+def _int8_matmul(xq: DFPattern, roles, parts) -> DFPattern:
+    roles["w"] = w = wildcard()
+    parts["transpose"] = wt = is_op("relax.permute_dims")(w)
+    parts["matmul"] = mm = is_op("relax.matmul")(xq, wt)
+    return mm
+
+
+def _spec_symmetric(quantize_inside: bool, bias: bool) -> _Spec:
+    roles, parts = {}, {}
+    xq = _int8_x(quantize_inside, roles, parts)
+    acc = _int8_matmul(xq, roles, parts)
+    roles["scale"] = s = wildcard()
+    parts["dq_zero"] = z = is_const()
+    parts["dequantize"] = y = is_op("relax.dequantize")(acc, s, z)
+    if bias:
+        y = _add_bias(y, roles)
+    name = f"{INT8_CODEGEN}.w8a8_sym{'_q' if quantize_inside else ''}{'_bias' if bias else ''}"
+    return _Spec(name, Scheme.SYMMETRIC, y, roles, parts)
+
+
+def _spec_asymmetric(quantize_inside: bool, bias: bool) -> _Spec:
+    roles, parts = {}, {}
+    xq = _int8_x(quantize_inside, roles, parts)
+    acc = _int8_matmul(xq, roles, parts)
+    parts["rowsum"] = rs = is_op("relax.sum")(is_op("relax.astype")(xq))
+    roles["w_zero"], roles["corr"] = zw, c = wildcard(), wildcard()
+    t = is_op("relax.subtract")(acc, is_op("relax.multiply")(rs, zw))
+    t = is_op("relax.subtract")(t, c)
+    roles["scale"] = s = wildcard()
+    parts["dq_zero"] = z = is_const()
+    parts["dequantize"] = y = is_op("relax.dequantize")(t, s, z)
+    if bias:
+        y = _add_bias(y, roles)
+    name = f"{INT8_CODEGEN}.w8a8_asym{'_q' if quantize_inside else ''}{'_bias' if bias else ''}"
+    return _Spec(name, Scheme.ASYMMETRIC, y, roles, parts)
+
+
+def _spec_per_token(quantize_inside: bool, bias: bool) -> _Spec:
+    roles, parts = {}, {}
+    roles["token_scale"] = st = wildcard()
+    xq = _int8_x(quantize_inside, roles, parts, per_token_scale=st)
+    acc = _int8_matmul(xq, roles, parts)
+    parts["acc_f32"] = af = is_op("relax.astype")(acc)
+    roles["scale"] = sw = wildcard()
+    scaled = is_op("relax.multiply")(is_op("relax.multiply")(af, st), sw) | is_op("relax.multiply")(
+        af, is_op("relax.multiply")(st, sw)
+    )
+    parts["out"] = y = is_op("relax.astype")(scaled) | scaled
+    if bias:
+        y = _add_bias(y, roles)
+    name = f"{INT8_CODEGEN}.w8a8_token{'_q' if quantize_inside else ''}{'_bias' if bias else ''}"
+    return _Spec(name, Scheme.PER_TOKEN, y, roles, parts)
+
+
+def _spec_float(w_kn: bool, bias: bool) -> _Spec:
+    roles, parts = {}, {}
+    roles["x"], roles["w"] = x, w = wildcard(), wildcard()
+    rhs = w if w_kn else is_op("relax.permute_dims")(w)
+    if not w_kn:
+        parts["transpose"] = rhs
+    parts["matmul"] = y = is_op("relax.matmul")(x, rhs)
+    if bias:
+        y = _add_bias(y, roles)
+    name = f"{FLOAT_CODEGEN}.linear{'_kn' if w_kn else ''}{'_bias' if bias else ''}"
+    return _Spec(name, Scheme.FLOAT, y, roles, parts, w_kn=w_kn)
+
+
+def _specs() -> List[_Spec]:
+    """All patterns, most specific first (FuseOpsByPattern's priority order)."""
+    out = []
+    for bias in (True, False):
+        for q in (True, False):
+            out += [_spec_asymmetric(q, bias), _spec_per_token(q, bias), _spec_symmetric(q, bias)]
+    for bias in (True, False):
+        out += [_spec_float(False, bias), _spec_float(True, bias)]
+    return out
+
+
+_SPECS: Dict[str, _Spec] = {}
+
+
+def _spec_table() -> Dict[str, _Spec]:
+    if not _SPECS:
+        _SPECS.update({s.name: s for s in _specs()})
+    return _SPECS
+
+
+def fusion_patterns() -> List[FusionPattern]:
+    """The FusionPatterns of both codegens, in priority order."""
+    return [s.fusion_pattern() for s in _spec_table().values()]
+
+
+# --------------------------------------------------------------------------------------------
+# checks (what the kernels accept)
+
+
+def _dtype(e) -> str:
+    return str(e.ty.dtype)
+
+
+def _shape(e) -> Optional[List]:
+    shape = getattr(e.ty, "shape", None)
+    if shape is None or not hasattr(shape, "values"):
+        return None
+    return list(shape.values)
+
+
+def _static(d) -> Optional[int]:
+    return int(d) if isinstance(d, (int, tvm.tirx.IntImm)) else None
+
+
+def _numel_is(e, n) -> bool:
+    """Static element count equals n (n an int or a static dim)."""
+    shape = _shape(e)
+    if shape is None:
+        return False
+    dims = [_static(d) for d in shape]
+    if any(d is None for d in dims):
+        return False
+    return int(np.prod(dims, dtype=np.int64)) == n
+
+
+def _is_scalar(e) -> bool:
+    return _numel_is(e, 1)
+
+
+def _is_vector_n(e, n: int) -> bool:
+    shape = _shape(e)
+    return shape is not None and len(shape) >= 1 and _static(shape[-1]) == n and _numel_is(e, n)
+
+
+def _const_all(e, value) -> bool:
+    return isinstance(e, relax.Constant) and bool(np.all(e.data.numpy() == value))
+
+
+def _weight_nk(w) -> Optional[tuple]:
+    shape = _shape(w)
+    if shape is None or len(shape) != 2:
+        return None
+    return _static(shape[0]), _static(shape[1])
+
+
+def _check_transpose(parts) -> bool:
+    t = parts.get("transpose")
+    if t is None:
+        return True
+    axes = t.attrs.axes
+    return axes is None or [int(a) for a in axes] == [1, 0]
+
+
+def _check_out_and_bias(exprs, root, n: int) -> bool:
+    if _dtype(root) not in _FLOATS:
+        return False
+    if "bias" in exprs:
+        b = exprs["bias"]
+        return _dtype(b) == _dtype(root) and _is_vector_n(b, n)
+    return True
+
+
+def _check_int8_common(spec: _Spec, exprs, root) -> Optional[int]:
+    """Shared checks; returns N (static) or None to reject."""
+    if not _check_transpose(exprs):
+        return None
+    w = exprs["w"]
+    nk = _weight_nk(w)
+    if _dtype(w) != "int8" or nk is None or nk[0] is None:
+        return None
+    if _dtype(exprs["matmul"]) != "int32":
+        return None
+    x = exprs["x"]
+    quantize_inside = "quantize" in exprs
+    if quantize_inside and _dtype(x) not in _FLOATS:
+        return None
+    if not quantize_inside and _dtype(x) != "int8":
+        return None
+    x_shape = _shape(x)
+    if x_shape is None or len(x_shape) < 1 or (nk[1] is not None and _static(x_shape[-1]) not in (None, nk[1])):
+        return None
+    n = nk[0]
+    return n if _check_out_and_bias(exprs, root, n) else None
+
+
+def _check_dequantize(exprs, n: int) -> bool:
+    dq, s = exprs["dequantize"], exprs["scale"]
+    if not _const_all(exprs["dq_zero"], 0) or _dtype(s) != "float32":
+        return False
+    if _is_scalar(s):
+        return True
+    ndim = len(_shape(dq))
+    return _is_vector_n(s, n) and int(dq.attrs.axis) in (-1, ndim - 1)
+
+
+def _check_static_quantize(exprs) -> bool:
+    if "quantize" not in exprs:
+        return True
+    q = exprs["quantize"]
+    return (
+        str(q.attrs.out_dtype) == "int8"
+        and _dtype(exprs["x_scale"]) == "float32"
+        and _is_scalar(exprs["x_scale"])
+        and _dtype(exprs["x_zero"]) == "int8"
+        and _is_scalar(exprs["x_zero"])
+    )
+
+
+def _check_symmetric(spec: _Spec, exprs, root) -> bool:
+    n = _check_int8_common(spec, exprs, root)
+    return n is not None and _check_static_quantize(exprs) and _check_dequantize(exprs, n)
+
+
+def _check_asymmetric(spec: _Spec, exprs, root) -> bool:
+    n = _check_int8_common(spec, exprs, root)
+    if n is None or not _check_static_quantize(exprs) or not _check_dequantize(exprs, n):
+        return False
+    rs = exprs["rowsum"]
+    axis = rs.attrs.axis
+    ndim = len(_shape(rs.args[0]))
+    if _dtype(rs) != "int32" or not bool(rs.attrs.keepdims) or axis is None or len(axis) != 1:
+        return False
+    if int(axis[0]) not in (-1, ndim - 1):
+        return False
+    zw, c = exprs["w_zero"], exprs["corr"]
+    return _dtype(zw) == "int32" and _dtype(c) == "int32" and _is_vector_n(zw, n) and _is_vector_n(c, n)
+
+
+def _check_per_token(spec: _Spec, exprs, root) -> bool:
+    n = _check_int8_common(spec, exprs, root)
+    if n is None:
+        return False
+    st, sw = exprs["token_scale"], exprs["scale"]
+    st_shape = _shape(st)
+    if _dtype(st) != "float32" or st_shape is None or _static(st_shape[-1]) != 1:
+        return False
+    if _dtype(sw) != "float32" or not _is_vector_n(sw, n) or _dtype(exprs["acc_f32"]) != "float32":
+        return False
+    if "quantize" in exprs:
+        clip = exprs["clip"]
+        lo, hi = clip.args[1], clip.args[2]
+        if float(lo.value) != -127 or float(hi.value) != 127 or _dtype(exprs["quantize"]) != "int8":
+            return False
+        if _dtype(exprs["divide"]) != "float32":
+            return False
+    return True
+
+
+def _check_float(spec: _Spec, exprs, root) -> bool:
+    if not _check_transpose(exprs):
+        return False
+    x, w, mm = exprs["x"], exprs["w"], exprs["matmul"]
+    nk = _weight_nk(w)
+    if nk is None or _dtype(x) not in _FLOATS or _dtype(w) != _dtype(x) or _dtype(mm) != _dtype(x):
+        return False
+    x_shape = _shape(x)
+    if x_shape is None or len(x_shape) < 2:
+        return False  # a 1-D x makes matmul a vector product
+    n = nk[1] if spec.w_kn else nk[0]
+    if n is None:
+        return False
+    return _check_out_and_bias(exprs, root, n)
+
+
+_CHECKS: Dict[Scheme, Callable] = {
+    Scheme.SYMMETRIC: _check_symmetric,
+    Scheme.ASYMMETRIC: _check_asymmetric,
+    Scheme.PER_TOKEN: _check_per_token,
+    Scheme.FLOAT: _check_float,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# codegen: one tvm-ffi wrapper per composite, calling mlcq::RunLinear
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SCHEME_CPP = {
+    Scheme.FLOAT: "kFloat",
+    Scheme.SYMMETRIC: "kSymmetric",
+    Scheme.ASYMMETRIC: "kAsymmetric",
+    Scheme.PER_TOKEN: "kPerToken",
+}
+
+
+def _composite_of(func: relax.Function) -> relax.Function:
+    """The "Composite" function inside the codegen-annotated wrapper FuseOpsByPattern made."""
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if isinstance(value, relax.Function) and value.attrs and "Composite" in value.attrs:
+                return value
+    raise DispatchError(f"no composite function inside {func.attrs['global_symbol']}")
+
+
+def _roles_of(spec: _Spec, composite: relax.Function) -> Dict[str, int]:
+    """Map each kernel operand to the index of the composite parameter that carries it."""
+    var2val = relax.analysis.get_var2val(composite)
+    body = composite.body
+    root = body.body
+    if isinstance(root, relax.Var) and root in var2val:
+        root = var2val[root]
+    matched = spec.pattern.extract_matched_expr(root, var2val)
+    if matched is None:
+        raise DispatchError(f"{spec.name}: the pattern does not match its own composite function")
+    params = list(composite.params)
+    roles = {}
+    for role, pat in spec.roles.items():
+        if pat not in matched:
+            continue
+        e = matched[pat]
+        if e not in params:
+            raise DispatchError(f"{spec.name}: operand {role} is not a parameter of the composite ({e})")
+        roles[role] = params.index(e)
+    return roles
+
+
+def _wrapper_source(symbol: str, spec: _Spec, roles: Dict[str, int], n_params: int) -> str:
+    args = ", ".join([f"TensorView a{i}" for i in range(n_params)] + ["TensorView out"])
+    lines = [
+        f"void {symbol}_impl({args}) {{",
+        "  mlcq::LinearArgs args;",
+        f"  args.scheme = mlcq::Scheme::{_SCHEME_CPP[spec.scheme]};",
+        f"  args.w_kn = {'true' if spec.w_kn else 'false'};",
+        '  mlcq::DLView v_out(out, "out");',
+        "  args.out = v_out.get();",
+    ]
+    for role, idx in sorted(roles.items()):
+        lines.append(f'  mlcq::DLView v_{role}(a{idx}, "{role}");')
+        lines.append(f"  args.{role} = v_{role}.get();")
+    lines += ["  mlcq::RunLinear(args);", "}", ""]
+    return "\n".join(lines)
+
+
+def _codegen(functions: Sequence[relax.Function], options) -> List[tvm.runtime.Module]:
+    table = _spec_table()
+    bodies, symbols = [], []
+    for func in functions:
+        symbol = str(func.attrs["global_symbol"])
+        if not _IDENT.match(symbol):
+            raise DispatchError(f"global symbol {symbol!r} is not a C identifier")
+        composite = _composite_of(func)
+        spec = table.get(str(composite.attrs["Composite"]))
+        if spec is None:
+            raise DispatchError(f"unknown composite {composite.attrs['Composite']}")
+        roles = _roles_of(spec, composite)
+        bodies.append(_wrapper_source(symbol, spec, roles, len(composite.params)))
+        symbols.append(symbol)
+    if not symbols:
+        return []
+    source = "\n".join(
+        [
+            "// Generated by mlc_quant.cuda_dispatch: BYOC wrappers onto mlcq::RunLinear.",
+            '#include "mlcq_ffi.h"',
+            "using tvm::ffi::TensorView;",
+            "namespace {",
+            *bodies,
+            "}  // namespace",
+            *[f"TVM_FFI_DLL_EXPORT_TYPED_FUNC({s}, {s}_impl);" for s in symbols],
+            "",
+        ]
+    )
+    # Wrappers compile in seconds; cache them by content anyway (a model has a few hundred).
+    digest = hashlib.sha256((source + _kernels.build._local_headers_digest()).encode()).hexdigest()[:24]
+    obj = _kernels.build.cache_dir() / "byoc" / f"wrappers-{digest}.o"
+    if not obj.is_file():
+        _kernels.compile_wrapper(source, obj)
+    return [tvm.runtime.load_static_library(str(obj), symbols)]
+
+
+@tvm.register_global_func(f"relax.ext.{INT8_CODEGEN}", override=True)
+def _codegen_cutlass(functions, options, constant_names):  # pylint: disable=unused-argument
+    return _codegen(functions, options)
+
+
+@tvm.register_global_func(f"relax.ext.{FLOAT_CODEGEN}", override=True)
+def _codegen_cublaslt(functions, options, constant_names):  # pylint: disable=unused-argument
+    return _codegen(functions, options)
+
+
+# --------------------------------------------------------------------------------------------
+# entry points
+
+
+def kernel_modules(out_dir: Optional[str] = None) -> List[tvm.runtime.Module]:
+    """The kernel objects as static library modules (linked in by export_library)."""
+    return [tvm.runtime.load_static_library(p, []) for p in _kernels.build_kernels(out_dir)]
+
+
+def _leftover_matmuls(mod: tvm.IRModule) -> List[str]:
+    out = []
+    for gv, func in mod.functions_items():
+        if not isinstance(func, relax.Function):
+            continue
+
+        def visit(e, name=gv.name_hint):
+            if isinstance(e, relax.Call) and isinstance(e.op, tvm.ir.Op) and e.op.name == "relax.matmul":
+                shapes = [str(a.ty) for a in e.args]
+                out.append(f"{name}: matmul({', '.join(shapes)}) -> {e.ty}")
+
+        relax.analysis.post_order_visit(func, visit)
+    return out
+
+
+def _slow_path_shapes(mod: tvm.IRModule) -> List[str]:
+    """Static W8A8 shapes the CUTLASS kernels cannot take (they run on a fallback kernel)."""
+    notes = []
+    for gv, func in mod.functions_items():
+        if not isinstance(func, relax.Function) or not func.attrs or "Codegen" not in func.attrs:
+            continue
+        if str(func.attrs["Codegen"]) != INT8_CODEGEN:
+            continue
+        for p in func.params:
+            if _dtype(p) == "int8" and _weight_nk(p) is not None and len(_shape(p)) == 2:
+                n, k = _weight_nk(p)
+                if n is not None and k is not None and (k % 16 or n % 8):
+                    notes.append(f"{gv.name_hint}: weight {n}x{k} (K % 16 or N % 8 != 0)")
+    return notes
+
+
+def dispatch_gemms(mod: tvm.IRModule, *, strict: bool = False, attach_kernels: bool = True,
+                   kernel_dir: Optional[str] = None) -> tvm.IRModule:
+    """Offload every linear of ``mod`` (high-level Relax, before legalization) to the kernels.
+
+    Returns the module with the linears replaced by ``call_dps_packed`` into the generated
+    wrappers and the wrapper + kernel objects in ``external_mods``. Build it with
+    ``tvm.compile(mod, target)`` and export with :func:`export_library`.
+
+    ``strict=True`` raises if a ``relax.matmul`` is left for TVM to compile (otherwise it is
+    logged: TVM's own CUDA GEMMs are an order of magnitude slower than these kernels).
+    ``attach_kernels=False`` leaves the kernel objects out (attach :func:`kernel_modules` yourself).
+    """
+    mod = relax.transform.ConvertToDataflow()(mod)
+    mod = relax.transform.FuseOpsByPattern(fusion_patterns(), bind_constants=False, annotate_codegen=True)(mod)
+    for note in _slow_path_shapes(mod):
+        logger.warning("mlc_quant: %s runs on the cuBLASLt/CUDA-core fallback, not the fused CUTLASS kernel", note)
+    n_offloaded = sum(
+        1 for _, f in mod.functions_items() if isinstance(f, relax.Function) and f.attrs and "Codegen" in f.attrs
+    )
+    mod = relax.transform.RunCodegen()(mod)
+    if attach_kernels and n_offloaded:
+        ext = list(mod.attrs["external_mods"]) if mod.attrs and "external_mods" in mod.attrs else []
+        mod = mod.with_attr("external_mods", ext + kernel_modules(kernel_dir))
+    left = _leftover_matmuls(mod)
+    if left:
+        msg = "mlc_quant: %d matmul(s) not offloaded (TVM will compile them):\n  %s" % (len(left), "\n  ".join(left))
+        if strict:
+            raise DispatchError(msg)
+        logger.warning(msg)
+    logger.info("mlc_quant: offloaded %d linear(s) to external kernels", n_offloaded)
+    return mod
+
+
+def export_library(executable, path: str, extra_options: Sequence[str] = ()) -> str:
+    """``executable.export_library(path)`` with the link options the kernels need."""
+    executable.export_library(path, options=[*_kernels.link_options(), *extra_options])
+    return path
+
+
+__all__ = [
+    "DispatchError",
+    "FLOAT_CODEGEN",
+    "INT8_CODEGEN",
+    "dispatch_gemms",
+    "export_library",
+    "fusion_patterns",
+    "kernel_modules",
+]

@@ -1,0 +1,225 @@
+// SPDX-License-Identifier: Apache-2.0
+// W8A8 GEMM for Hopper (sm_90a) with the dequantize fused into the CUTLASS epilogue:
+//
+//   out[m, n] = f16_sat( (corr(acc)[m, n] * s_row[m]) * s_col[n] + bias[n] )
+//   corr(acc) = acc - rowsum_x[m] * zw[n] - c[n]          (asymmetric variant only, exact int32)
+//
+// x [M, K] int8 row-major (A, K-major), wq [N, K] int8 row-major (B, K-major), out [M, N] fp16.
+// Every vector operand is optional (null pointer -> neutral default), and s_col may also be a
+// single scalar: one kernel covers per-tensor, per-channel, per-token x per-channel and the
+// asymmetric scheme. The epilogue is an EVT (epilogue visitor tree), so the scales are applied in
+// registers before the single TMA store of fp16 - no int32 round trip through memory.
+//
+// This translation unit is compiled once per (tile config, variant) pair: the build passes
+// -DMLCQ_CFG=<n> and -DMLCQ_ASYM=<0|1>, so the slow CUTLASS template instantiations compile in
+// parallel and are cached separately (see build.py).
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/gemm/kernel/tile_scheduler.hpp"
+#include "mlcq_internal.h"
+
+#ifndef MLCQ_CFG
+#define MLCQ_CFG 0
+#endif
+#ifndef MLCQ_ASYM
+#define MLCQ_ASYM 0
+#endif
+
+namespace mlcq {
+namespace cutlass_sm90 {
+
+using namespace cute;
+
+// ---- epilogue functors (ComputeFn<Array<T, N>> as Sm90Compute wants them) ----
+
+// Exact int32 zero-point correction: acc - rs * zw - c (wraps like the Relax reference).
+template <class T>
+struct ZeroPointCorrection {
+  CUTLASS_HOST_DEVICE T operator()(T acc, T rs, T zw, T c) const { return acc - rs * zw - c; }
+};
+template <int N>
+struct ZeroPointCorrection<cutlass::Array<int32_t, N>> {
+  using A = cutlass::Array<int32_t, N>;
+  CUTLASS_HOST_DEVICE A operator()(A const& acc, A const& rs, A const& zw, A const& c) const {
+    A r;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < N; ++i) r[i] = acc[i] - rs[i] * zw[i] - c[i];
+    return r;
+  }
+};
+
+// (a * s_row) * s_col + bias, saturated to the fp16 range like Relax's dequantize (clip to
+// +-65504 before the cast); NaN passes through.
+__host__ __device__ __forceinline__ float affine_sat(float a, float sr, float sc, float b) {
+  float y = a * sr * sc + b;
+  return y != y ? y : fminf(fmaxf(y, -65504.f), 65504.f);
+}
+template <class T>
+struct AffineSat {
+  CUTLASS_HOST_DEVICE T operator()(T a, T sr, T sc, T b) const { return affine_sat(a, sr, sc, b); }
+};
+template <int N>
+struct AffineSat<cutlass::Array<float, N>> {
+  using A = cutlass::Array<float, N>;
+  CUTLASS_HOST_DEVICE A operator()(A const& a, A const& sr, A const& sc, A const& b) const {
+    A r;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < N; ++i) r[i] = affine_sat(a[i], sr[i], sc[i], b[i]);
+    return r;
+  }
+};
+
+// ---- tile configurations (chosen per shape by linear.cu from measurements) ----
+#if MLCQ_CFG == 0
+// Large prefill GEMMs: 128x256 tiles, two consumer warpgroups, 2-CTA clusters (TMA multicast of B).
+using TileShape = Shape<_128, _256, _128>;
+using ClusterShape = Shape<_2, _1, _1>;
+using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
+using TileScheduler = cutlass::gemm::PersistentScheduler;
+#define MLCQ_CFG_NAME "128x256x128_c2x1_coop"
+#elif MLCQ_CFG == 1
+// Mid-size M: 128x128 tiles, ping-pong consumers hide the epilogue behind the next tile's MMA.
+using TileShape = Shape<_128, _128, _128>;
+using ClusterShape = Shape<_1, _2, _1>;
+using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
+using TileScheduler = cutlass::gemm::PersistentScheduler;
+#define MLCQ_CFG_NAME "128x128x128_c1x2_pingpong"
+#elif MLCQ_CFG == 2
+// Small M (decode / short prompts): narrow 64-column tiles and stream-K, so that the few output
+// tiles still spread the K loop over all SMs (the GEMM is bound by reading wq; the rows past M
+// are zero-filled by TMA and cost no memory traffic). Cooperative needs 128 rows per tile.
+using TileShape = Shape<_128, _64, _128>;
+using ClusterShape = Shape<_1, _1, _1>;
+using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
+using TileScheduler = cutlass::gemm::StreamKScheduler;
+#define MLCQ_CFG_NAME "128x64x128_c1x1_coop_streamk"
+#else
+#error "unknown MLCQ_CFG"
+#endif
+
+using ElementA = int8_t;
+using ElementB = int8_t;
+using ElementD = cutlass::half_t;
+using ElementAcc = int32_t;
+using ElementCompute = float;
+using LayoutA = cutlass::layout::RowMajor;     // x [M, K]
+using LayoutB = cutlass::layout::ColumnMajor;  // wq [N, K] row-major == B [K, N] column-major
+using LayoutD = cutlass::layout::RowMajor;     // out [M, N]
+constexpr int kAlignA = 16;                    // TMA: 16-byte rows -> K % 16 == 0
+constexpr int kAlignB = 16;
+constexpr int kAlignD = 8;                     // N % 8 == 0 for the fp16 TMA store
+constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
+
+namespace fus = cutlass::epilogue::fusion;
+// Column-of-output broadcasts are indexed by n (Row broadcast in CUTLASS terms), row ones by m.
+// s_col's N stride is a run-time bool: a per-tensor scale is the same kernel with stride 0.
+using ScaleColBcast = fus::Sm90RowBroadcast<0, TileShape, float, float, Stride<_0, bool, _0>>;
+using ScaleRowBcast = fus::Sm90ColBroadcast<0, TileShape, float, float, Stride<_1, _0, _0>>;
+using BiasBcast = fus::Sm90RowBroadcast<0, TileShape, cutlass::half_t, float, Stride<_0, _1, _0>>;
+using RowSumBcast = fus::Sm90ColBroadcast<0, TileShape, int32_t, int32_t, Stride<_1, _0, _0>>;
+using IntColBcast = fus::Sm90RowBroadcast<0, TileShape, int32_t, int32_t, Stride<_0, _1, _0>>;
+
+#if MLCQ_ASYM
+using AccTree = fus::Sm90EVT<fus::Sm90Compute<ZeroPointCorrection, int32_t, int32_t, kRound>,
+                             fus::Sm90AccFetch, RowSumBcast, IntColBcast, IntColBcast>;
+#else
+using AccTree = fus::Sm90AccFetch;
+#endif
+using EpilogueTree = fus::Sm90EVT<fus::Sm90Compute<AffineSat, ElementD, ElementCompute, kRound>,
+                                  AccTree, ScaleRowBcast, ScaleColBcast, BiasBcast>;
+
+using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+    cutlass::epilogue::collective::EpilogueTileAuto, ElementAcc, ElementCompute,
+    void, LayoutD, kAlignD,  // no C operand
+    ElementD, LayoutD, kAlignD, EpilogueSchedule, EpilogueTree>::CollectiveOp;
+
+using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementA, LayoutA, kAlignA, ElementB,
+    LayoutB, kAlignB, ElementAcc, TileShape, ClusterShape,
+    cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+        sizeof(typename CollectiveEpilogue::SharedStorage))>,
+    MainloopSchedule>::CollectiveOp;
+
+using GemmKernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
+                                                        CollectiveEpilogue, TileScheduler>;
+using Gemm = cutlass::gemm::device::GemmUniversalAdapter<GemmKernel>;
+
+}  // namespace cutlass_sm90
+
+#define MLCQ_PASTE2(a, b, c) a##_cfg##b##_asym##c
+#define MLCQ_PASTE(a, b, c) MLCQ_PASTE2(a, b, c)
+#define MLCQ_ENTRY MLCQ_PASTE(cutlass_w8a8_sm90, MLCQ_CFG, MLCQ_ASYM)
+
+// Returns an empty string on success, else why the kernel cannot run (the caller falls back).
+const char* MLCQ_ENTRY(const GemmProblem& p, Workspace* ws, cudaStream_t stream) {
+  using namespace cutlass_sm90;
+  if (p.K % kAlignA != 0 || p.N % kAlignD != 0) return "needs K % 16 == 0 and N % 8 == 0";
+#if !MLCQ_ASYM
+  if (p.rowsum != nullptr || p.zw != nullptr || p.c != nullptr) return "asymmetric operands given";
+#endif
+  using StrideA = typename Gemm::GemmKernel::StrideA;
+  using StrideB = typename Gemm::GemmKernel::StrideB;
+  using StrideD = typename Gemm::GemmKernel::StrideD;
+  const int M = static_cast<int>(p.M), N = static_cast<int>(p.N), K = static_cast<int>(p.K);
+  StrideA sa = make_stride(int64_t(K), _1{}, int64_t(M) * K);
+  StrideB sb = make_stride(int64_t(K), _1{}, int64_t(N) * K);
+  StrideD sd = make_stride(int64_t(N), _1{}, int64_t(M) * N);
+
+  typename Gemm::Arguments args;
+  args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
+  args.problem_shape = {M, N, K, 1};
+  args.mainloop = {static_cast<const int8_t*>(p.x), sa, static_cast<const int8_t*>(p.w), sb};
+  auto& f = args.epilogue.thread;
+  // Tree arguments are nested like the tree: {children..., node}.
+#if MLCQ_ASYM
+  f = {
+      {{},
+       {p.rowsum, 0, {}},
+       {p.zw, 0, {}},
+       {p.c, 0, {}},
+       {}},
+      {p.scale_row, 1.f, {}},
+      {p.scale_col, p.scale_col_value, {_0{}, p.scale_col_is_vector, _0{}}},
+      {reinterpret_cast<const cutlass::half_t*>(p.bias), cutlass::half_t(0.f), {}},
+      {}};
+#else
+  f = {{},
+       {p.scale_row, 1.f, {}},
+       {p.scale_col, p.scale_col_value, {_0{}, p.scale_col_is_vector, _0{}}},
+       {reinterpret_cast<const cutlass::half_t*>(p.bias), cutlass::half_t(0.f), {}},
+       {}};
+#endif
+  args.epilogue.ptr_C = nullptr;
+  args.epilogue.dC = sd;
+  args.epilogue.ptr_D = reinterpret_cast<cutlass::half_t*>(p.out);
+  args.epilogue.dD = sd;
+  args.hw_info.device_id = p.device_id;
+  args.hw_info.sm_count = p.sm_count;
+
+  Gemm gemm;
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return "CUTLASS can_implement failed";
+  size_t ws_bytes = Gemm::get_workspace_size(args);
+  void* ws_ptr = ws_bytes ? ws->get(ws_bytes, Workspace::kCutlass) : nullptr;
+  if (gemm.initialize(args, ws_ptr, stream) != cutlass::Status::kSuccess)
+    return "CUTLASS initialize failed";
+  if (gemm.run(stream) != cutlass::Status::kSuccess) return "CUTLASS launch failed";
+  return "";
+}
+
+const char* MLCQ_PASTE(cutlass_w8a8_sm90_name, MLCQ_CFG, MLCQ_ASYM)() { return MLCQ_CFG_NAME; }
+
+}  // namespace mlcq

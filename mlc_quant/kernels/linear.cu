@@ -1,0 +1,470 @@
+// SPDX-License-Identifier: Apache-2.0
+// RunLinear: argument checking, activation quantization and the per-shape choice of GEMM kernel,
+// plus the tvm-ffi exports used by tests and benchmarks.
+#include <tvm/ffi/extra/c_env_api.h>
+#include <tvm/ffi/string.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "mlcq_ffi.h"
+#include "mlcq_internal.h"
+#include "mlcq_lt.h"
+
+namespace mlcq {
+
+// ---------------------------------------------------------------------------------------------
+// errors and workspace
+
+void ThrowError(const std::string& kind, const std::string& msg) {
+  if (kind == "ValueError") TVM_FFI_THROW(ValueError) << msg;
+  TVM_FFI_THROW(RuntimeError) << msg;
+  TVM_FFI_UNREACHABLE();
+}
+
+namespace {
+
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    MLCQ_CUDA_CHECK(cudaGetDevice(&prev_));
+    if (prev_ != device) MLCQ_CUDA_CHECK(cudaSetDevice(device));
+    changed_ = prev_ != device;
+  }
+  ~DeviceGuard() {
+    if (changed_) cudaSetDevice(prev_);
+  }
+
+ private:
+  int prev_ = 0;
+  bool changed_ = false;
+};
+
+}  // namespace
+
+void* Workspace::get(size_t bytes, Slot slot) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (size_[slot] < bytes) {
+    // Growing is rare (first call at a new maximum shape); make sure no queued kernel still
+    // reads the old buffer before freeing it.
+    if (ptr_[slot] != nullptr) {
+      MLCQ_CUDA_CHECK(cudaDeviceSynchronize());
+      MLCQ_CUDA_CHECK(cudaFree(ptr_[slot]));
+      ptr_[slot] = nullptr;
+      size_[slot] = 0;
+    }
+    size_t want = std::max(bytes, size_t(2) << 20);
+    want = (want + (size_t(2) << 20) - 1) & ~((size_t(2) << 20) - 1);
+    MLCQ_CUDA_CHECK(cudaMalloc(&ptr_[slot], want));
+    size_[slot] = want;
+  }
+  return ptr_[slot];
+}
+
+Workspace* Workspace::ForDevice(int device_id) {
+  static std::mutex mu;
+  static std::map<int, std::unique_ptr<Workspace>> spaces;
+  std::lock_guard<std::mutex> lock(mu);
+  auto& ws = spaces[device_id];
+  if (!ws) ws.reset(new Workspace());
+  return ws.get();
+}
+
+// ---------------------------------------------------------------------------------------------
+// argument checking
+
+namespace {
+
+thread_local const char* g_last_kernel = "";
+
+struct DeviceInfo {
+  int sm_count = 0;
+  int major = 0, minor = 0;
+};
+
+const DeviceInfo& GetDeviceInfo(int device) {
+  static std::mutex mu;
+  static std::map<int, DeviceInfo> infos;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = infos.find(device);
+  if (it != infos.end()) return it->second;
+  DeviceInfo info;
+  MLCQ_CUDA_CHECK(cudaDeviceGetAttribute(&info.sm_count, cudaDevAttrMultiProcessorCount, device));
+  MLCQ_CUDA_CHECK(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device));
+  MLCQ_CUDA_CHECK(cudaDeviceGetAttribute(&info.minor, cudaDevAttrComputeCapabilityMinor, device));
+  return infos.emplace(device, info).first->second;
+}
+
+std::string DTypeStr(DLDataType t) {
+  std::string base = t.code == kDLInt ? "int" : t.code == kDLUInt ? "uint"
+                   : t.code == kDLFloat ? "float" : t.code == kDLBfloat ? "bfloat" : "?";
+  return base + std::to_string(t.bits) + (t.lanes != 1 ? "x" + std::to_string(t.lanes) : "");
+}
+
+bool Is(DLDataType t, uint8_t code, uint8_t bits) {
+  return t.code == code && t.bits == bits && t.lanes == 1;
+}
+
+// kF16 / kBF16 / kF32 or -1
+int FloatKind(DLDataType t) {
+  if (Is(t, kDLFloat, 16)) return kF16;
+  if (Is(t, kDLBfloat, 16)) return kBF16;
+  if (Is(t, kDLFloat, 32)) return kF32;
+  return -1;
+}
+
+int64_t Numel(const DLTensor* t) {
+  int64_t n = 1;
+  for (int i = 0; i < t->ndim; ++i) n *= t->shape[i];
+  return n;
+}
+
+void* Data(const DLTensor* t) {
+  return t ? static_cast<char*>(t->data) + t->byte_offset : nullptr;
+}
+
+class Checker {
+ public:
+  explicit Checker(const LinearArgs& a) : a_(a) {}
+
+  [[noreturn]] void Fail(const std::string& msg) const {
+    ThrowError("ValueError", "mlc_quant linear: " + msg);
+  }
+
+  void Device(const DLTensor* t, const char* name) {
+    if (t == nullptr) return;
+    if (t->device.device_type != kDLCUDA) Fail(std::string(name) + " is not on a CUDA device");
+    if (device_ < 0) device_ = t->device.device_id;
+    if (t->device.device_id != device_)
+      Fail(std::string(name) + " is on cuda:" + std::to_string(t->device.device_id) +
+           ", expected cuda:" + std::to_string(device_));
+  }
+
+  void DType(const DLTensor* t, const char* name, uint8_t code, uint8_t bits) const {
+    if (!Is(t->dtype, code, bits))
+      Fail(std::string(name) + " has dtype " + DTypeStr(t->dtype) + ", expected " +
+           DTypeStr(DLDataType{code, bits, 1}));
+  }
+
+  void Required(const DLTensor* t, const char* name) const {
+    if (t == nullptr) Fail(std::string(name) + " is required for this scheme");
+  }
+
+  int device() const { return device_; }
+
+ private:
+  const LinearArgs& a_;
+  int device_ = -1;
+};
+
+bool Aligned(const void* p, int bytes) { return (reinterpret_cast<uintptr_t>(p) % bytes) == 0; }
+
+Backend EnvBackend(Backend requested) {
+  if (requested != Backend::kAuto) return requested;
+  static const Backend env = [] {
+    const char* v = std::getenv("MLC_QUANT_INT8_BACKEND");
+    if (v == nullptr || *v == 0 || !std::strcmp(v, "auto")) return Backend::kAuto;
+    if (!std::strcmp(v, "cutlass")) return Backend::kCutlass;
+    if (!std::strcmp(v, "cutlass0")) return Backend::kCutlass0;
+    if (!std::strcmp(v, "cutlass1")) return Backend::kCutlass1;
+    if (!std::strcmp(v, "cutlass2")) return Backend::kCutlass2;
+    if (!std::strcmp(v, "cublaslt")) return Backend::kCublasLt;
+    if (!std::strcmp(v, "simt")) return Backend::kSimt;
+    ThrowError("ValueError", std::string("MLC_QUANT_INT8_BACKEND=") + v +
+                                 ": expected auto|cutlass|cutlass0|cutlass1|cutlass2|cublaslt|simt");
+  }();
+  return env;
+}
+
+using CutlassFn = const char* (*)(const GemmProblem&, Workspace*, cudaStream_t);
+using CutlassNameFn = const char* (*)();
+// The asym-capable EVT covers every scheme (null operands = neutral), so one object per config.
+const CutlassFn kCutlassFns[kNumCutlassConfigs] = {
+    cutlass_w8a8_sm90_cfg0_asym1, cutlass_w8a8_sm90_cfg1_asym1, cutlass_w8a8_sm90_cfg2_asym1};
+const CutlassNameFn kCutlassNames[kNumCutlassConfigs] = {cutlass_w8a8_sm90_name_cfg0_asym1,
+                                                         cutlass_w8a8_sm90_name_cfg1_asym1,
+                                                         cutlass_w8a8_sm90_name_cfg2_asym1};
+
+// Tile config by shape; thresholds from scripts/bench_gemm.py (docs/performance.md).
+int PickCutlassConfig(const GemmProblem& p, const DeviceInfo& info) {
+  if (p.M <= 64) return 2;
+  const int64_t tiles_256 = ((p.M + 127) / 128) * ((p.N + 255) / 256);
+  // Too few 128x256 tiles to fill the SMs: smaller tiles balance better.
+  if (p.M <= 256 || tiles_256 < info.sm_count) return 1;
+  return 0;
+}
+
+std::string CutlassUnusable(const GemmProblem& p, const DeviceInfo& info) {
+  if (!(info.major == 9 && info.minor == 0)) return "CUTLASS kernels are built for sm_90a only";
+  if (p.out_dtype != kF16) return "CUTLASS epilogue writes float16 only";
+  if (p.bias != nullptr && p.bias_dtype != kF16) return "CUTLASS bias must be float16";
+  if (p.K % 16 != 0 || p.N % 8 != 0) return "CUTLASS needs K % 16 == 0 and N % 8 == 0";
+  if (!Aligned(p.x, 16) || !Aligned(p.w, 16) || !Aligned(p.out, 16))
+    return "CUTLASS needs 16-byte aligned x, w and out";
+  return "";
+}
+
+thread_local std::string g_last_kernel_buf;
+
+void SetLast(const std::string& name) {
+  g_last_kernel_buf = name;
+  g_last_kernel = g_last_kernel_buf.c_str();
+}
+
+void RunInt8Gemm(GemmProblem& p, Backend backend, cudaStream_t stream) {
+  const DeviceInfo& info = GetDeviceInfo(p.device_id);
+  p.sm_count = info.sm_count;
+  Workspace* ws = Workspace::ForDevice(p.device_id);
+  const bool want_cutlass = backend == Backend::kAuto || backend == Backend::kCutlass ||
+                            backend == Backend::kCutlass0 || backend == Backend::kCutlass1 ||
+                            backend == Backend::kCutlass2;
+  if (want_cutlass) {
+    std::string why = CutlassUnusable(p, info);
+    if (why.empty()) {
+      int cfg = backend == Backend::kCutlass0   ? 0
+                : backend == Backend::kCutlass1 ? 1
+                : backend == Backend::kCutlass2 ? 2
+                                                : PickCutlassConfig(p, info);
+      const char* err = kCutlassFns[cfg](p, ws, stream);
+      if (*err == 0) {
+        MLCQ_CUDA_CHECK(cudaGetLastError());
+        SetLast(std::string("cutlass:") + kCutlassNames[cfg]());
+        return;
+      }
+      why = err;
+    }
+    if (backend != Backend::kAuto) ThrowError("ValueError", "mlc_quant: CUTLASS backend forced but unusable: " + why);
+  }
+  if (backend == Backend::kAuto || backend == Backend::kCublasLt) {
+    int32_t* acc = static_cast<int32_t*>(
+        ws->get(static_cast<size_t>(p.M) * p.N * sizeof(int32_t), Workspace::kAcc32));
+    LtGemm g;
+    g.M = p.M, g.N = p.N, g.K = p.K, g.x = p.x, g.w = p.w, g.out = acc, g.device_id = p.device_id;
+    if (LtInt8Gemm(g, stream)) {
+      LaunchDequantEpilogue(acc, p, stream);
+      SetLast("cublaslt_i8+epilogue");
+      return;
+    }
+    if (backend == Backend::kCublasLt)
+      ThrowError("ValueError", "mlc_quant: cuBLASLt has no int8 algorithm for M=" +
+                                   std::to_string(p.M) + " N=" + std::to_string(p.N) +
+                                   " K=" + std::to_string(p.K) + " (int8 needs K % 4 == 0)");
+  }
+  LaunchSimtW8A8(p, stream);
+  SetLast("simt");
+}
+
+}  // namespace
+
+const char* LastKernelName() { return g_last_kernel; }
+
+void RunLinear(const LinearArgs& a) {
+  Checker ck(a);
+  if (a.x == nullptr || a.w == nullptr || a.out == nullptr) ck.Fail("x, w and out are required");
+  for (auto [t, name] : {std::pair{a.x, "x"}, {a.w, "w"}, {a.out, "out"}, {a.x_scale, "x_scale"},
+                         {a.x_zero, "x_zero"}, {a.token_scale, "token_scale"}, {a.scale, "scale"},
+                         {a.w_zero, "w_zero"}, {a.corr, "corr"}, {a.row_sum, "row_sum"},
+                         {a.bias, "bias"}})
+    ck.Device(t, name);
+  const int device = ck.device();
+  if (a.x->ndim < 1 || a.w->ndim != 2 || a.out->ndim < 1)
+    ck.Fail("expected x [..., K], a 2-D weight and out [..., N]");
+  const int64_t K = a.x->shape[a.x->ndim - 1];
+  const int64_t M = K == 0 ? 0 : Numel(a.x) / K;
+  const bool kn = a.scheme == Scheme::kFloat && a.w_kn;
+  const int64_t N = kn ? a.w->shape[1] : a.w->shape[0];
+  const int64_t wK = kn ? a.w->shape[0] : a.w->shape[1];
+  if (wK != K)
+    ck.Fail("x has K=" + std::to_string(K) + " but the weight has K=" + std::to_string(wK));
+  if (a.out->shape[a.out->ndim - 1] != N || Numel(a.out) != M * N)
+    ck.Fail("out must be [..., " + std::to_string(N) + "] with " + std::to_string(M) + " rows");
+  const int out_kind = FloatKind(a.out->dtype);
+  if (out_kind < 0) ck.Fail("out dtype " + DTypeStr(a.out->dtype) + " is not a float type");
+  if (a.bias != nullptr) {
+    if (Numel(a.bias) != N || a.bias->shape[a.bias->ndim - 1] != N)
+      ck.Fail("bias must have N=" + std::to_string(N) + " elements");
+    if (!Is(a.bias->dtype, a.out->dtype.code, a.out->dtype.bits))
+      ck.Fail("bias dtype " + DTypeStr(a.bias->dtype) + " differs from out dtype " +
+              DTypeStr(a.out->dtype));
+  }
+
+  DeviceGuard guard(device);
+  cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
+  if (M == 0 || N == 0) return;
+
+  if (a.scheme == Scheme::kFloat) {
+    const int xk = FloatKind(a.x->dtype);
+    if (xk < 0 || !Is(a.w->dtype, a.x->dtype.code, a.x->dtype.bits))
+      ck.Fail("float linear needs x and w of the same float dtype, got " + DTypeStr(a.x->dtype) +
+              " and " + DTypeStr(a.w->dtype));
+    if (out_kind != xk) ck.Fail("float linear: out dtype must match x");
+    LtGemm g;
+    g.M = M, g.N = N, g.K = K, g.x = Data(a.x), g.w = Data(a.w), g.w_kn = kn, g.out = Data(a.out);
+    g.bias = Data(a.bias), g.in_dtype = xk, g.out_dtype = out_kind, g.device_id = device;
+    if (!LtFloatGemm(g, stream))
+      ThrowError("RuntimeError", "mlc_quant: cuBLASLt found no algorithm for the float GEMM M=" +
+                                     std::to_string(M) + " N=" + std::to_string(N) +
+                                     " K=" + std::to_string(K));
+    SetLast("cublaslt_float");
+    return;
+  }
+
+  // ---- W8A8 schemes ----
+  ck.DType(a.w, "w", kDLInt, 8);
+  const bool x_is_int8 = Is(a.x->dtype, kDLInt, 8);
+  const int x_kind = FloatKind(a.x->dtype);
+  if (!x_is_int8 && x_kind < 0) ck.Fail("x must be int8 or float, got " + DTypeStr(a.x->dtype));
+  ck.Required(a.scale, "scale");
+  ck.DType(a.scale, "scale", kDLFloat, 32);
+  const bool asym = a.scheme == Scheme::kAsymmetric;
+  const bool per_token = a.scheme == Scheme::kPerToken;
+
+  GemmProblem p;
+  p.M = M, p.N = N, p.K = K, p.w = Data(a.w), p.out = Data(a.out), p.out_dtype = out_kind;
+  p.bias = Data(a.bias), p.bias_dtype = out_kind, p.device_id = device;
+  Workspace* ws = Workspace::ForDevice(device);
+
+  if (per_token) {
+    ck.Required(a.token_scale, "token_scale");
+    ck.DType(a.token_scale, "token_scale", kDLFloat, 32);
+    if (Numel(a.token_scale) != M) ck.Fail("token_scale must have one value per row of x");
+    if (Numel(a.scale) != N) ck.Fail("per-token scheme needs a weight scale of N elements");
+    p.scale_row = static_cast<const float*>(Data(a.token_scale));
+    p.scale_col = static_cast<const float*>(Data(a.scale));
+    p.scale_col_is_vector = true;
+  } else {
+    const int64_t ns = Numel(a.scale);
+    if (ns != 1 && ns != N) ck.Fail("scale must be a scalar or have N elements");
+    p.scale_col = static_cast<const float*>(Data(a.scale));
+    p.scale_col_is_vector = ns == N && N != 1;
+  }
+
+  int32_t* rowsum = nullptr;
+  if (asym) {
+    ck.Required(a.w_zero, "w_zero");
+    ck.Required(a.corr, "corr");
+    ck.DType(a.w_zero, "w_zero", kDLInt, 32);
+    ck.DType(a.corr, "corr", kDLInt, 32);
+    if (Numel(a.w_zero) != N || Numel(a.corr) != N) ck.Fail("w_zero and corr must have N elements");
+    p.zw = static_cast<const int32_t*>(Data(a.w_zero));
+    p.c = static_cast<const int32_t*>(Data(a.corr));
+    if (a.row_sum != nullptr) {
+      ck.DType(a.row_sum, "row_sum", kDLInt, 32);
+      if (Numel(a.row_sum) != M) ck.Fail("row_sum must have one value per row of x");
+      p.rowsum = static_cast<const int32_t*>(Data(a.row_sum));
+    } else {
+      rowsum = static_cast<int32_t*>(ws->get(static_cast<size_t>(M) * 4, Workspace::kRowVec));
+      p.rowsum = rowsum;
+    }
+  }
+
+  if (x_is_int8) {
+    p.x = Data(a.x);
+    if (rowsum != nullptr) LaunchRowSum(static_cast<const int8_t*>(p.x), M, K, rowsum, stream);
+  } else {
+    int8_t* q = static_cast<int8_t*>(ws->get(static_cast<size_t>(M) * K, Workspace::kQuantX));
+    if (per_token) {
+      LaunchQuantizePerToken(Data(a.x), x_kind, M, K, p.scale_row, q, rowsum, stream);
+    } else {
+      ck.Required(a.x_scale, "x_scale");
+      ck.DType(a.x_scale, "x_scale", kDLFloat, 32);
+      if (Numel(a.x_scale) != 1) ck.Fail("x_scale must be a scalar (per-tensor quantization)");
+      const int8_t* z = nullptr;
+      if (a.x_zero != nullptr) {
+        ck.DType(a.x_zero, "x_zero", kDLInt, 8);
+        if (Numel(a.x_zero) != 1) ck.Fail("x_zero must be a scalar");
+        z = static_cast<const int8_t*>(Data(a.x_zero));
+      }
+      LaunchQuantizePerTensor(Data(a.x), x_kind, M, K, static_cast<const float*>(Data(a.x_scale)),
+                              z, q, rowsum, stream);
+    }
+    p.x = q;
+  }
+  RunInt8Gemm(p, EnvBackend(a.backend), stream);
+}
+
+}  // namespace mlcq
+
+// ---------------------------------------------------------------------------------------------
+// tvm-ffi exports (tests, benchmarks, call_dps_packed users). Argument order is DPS: out last.
+
+namespace {
+
+using tvm::ffi::Optional;
+using tvm::ffi::TensorView;
+using OptT = Optional<TensorView>;
+
+void Linear(int64_t scheme, int64_t backend, TensorView x, TensorView w, bool w_kn, OptT x_scale,
+            OptT x_zero, OptT token_scale, OptT scale, OptT w_zero, OptT corr, OptT row_sum,
+            OptT bias, TensorView out) {
+  using mlcq::DLView;
+  if (scheme < 0 || scheme > 3) TVM_FFI_THROW(ValueError) << "mlcq_linear: bad scheme " << scheme;
+  if (backend < 0 || backend > 6) TVM_FFI_THROW(ValueError) << "mlcq_linear: bad backend " << backend;
+  DLView vx(x, "x"), vw(w, "w"), vxs(x_scale, "x_scale"), vxz(x_zero, "x_zero"),
+      vts(token_scale, "token_scale"), vs(scale, "scale"), vwz(w_zero, "w_zero"),
+      vc(corr, "corr"), vrs(row_sum, "row_sum"), vb(bias, "bias"), vo(out, "out");
+  mlcq::LinearArgs a;
+  a.scheme = static_cast<mlcq::Scheme>(scheme);
+  a.backend = static_cast<mlcq::Backend>(backend);
+  a.x = vx.get(), a.w = vw.get(), a.w_kn = w_kn, a.x_scale = vxs.get(), a.x_zero = vxz.get();
+  a.token_scale = vts.get(), a.scale = vs.get(), a.w_zero = vwz.get(), a.corr = vc.get();
+  a.row_sum = vrs.get(), a.bias = vb.get(), a.out = vo.get();
+  mlcq::RunLinear(a);
+}
+
+tvm::ffi::String LastKernel() { return tvm::ffi::String(mlcq::LastKernelName()); }
+
+// Plain cuBLASLt int8 GEMM with int32 output: the baseline the fused kernels are measured against.
+void Int8GemmI32(TensorView x, TensorView w, TensorView out) {
+  mlcq::DLView vx(x, "x"), vw(w, "w"), vo(out, "out");
+  if (x.dtype().code != kDLInt || x.dtype().bits != 8 || w.dtype().code != kDLInt ||
+      w.dtype().bits != 8 || out.dtype().code != kDLInt || out.dtype().bits != 32)
+    TVM_FFI_THROW(ValueError) << "mlcq_int8_gemm_i32: expected int8 x, int8 w, int32 out";
+  const int64_t K = x.size(-1), M = x.numel() / K, N = w.size(0);
+  if (w.size(1) != K || out.numel() != M * N)
+    TVM_FFI_THROW(ValueError) << "mlcq_int8_gemm_i32: shape mismatch";
+  const int device = x.device().device_id;
+  mlcq::LtGemm g;
+  g.M = M, g.N = N, g.K = K, g.x = x.data_ptr(), g.w = w.data_ptr(), g.out = out.data_ptr();
+  g.device_id = device;
+  cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
+  if (!mlcq::LtInt8Gemm(g, stream))
+    TVM_FFI_THROW(ValueError) << "mlcq_int8_gemm_i32: cuBLASLt has no algorithm for this shape";
+}
+
+// Activation quantization alone (tests): per-tensor (token_scale absent) or per-token.
+void Quantize(TensorView x, OptT scale, OptT zero, OptT token_scale, TensorView q, OptT row_sum) {
+  const int64_t K = x.size(-1), M = x.numel() / K;
+  mlcq::DLView vx(x, "x");
+  const int kind = x.dtype().code == kDLFloat && x.dtype().bits == 16   ? mlcq::kF16
+                   : x.dtype().code == kDLBfloat && x.dtype().bits == 16 ? mlcq::kBF16
+                   : x.dtype().code == kDLFloat && x.dtype().bits == 32  ? mlcq::kF32
+                                                                          : -1;
+  if (kind < 0 || q.dtype().code != kDLInt || q.dtype().bits != 8 || q.numel() != M * K)
+    TVM_FFI_THROW(ValueError) << "mlcq_quantize: expected float x and int8 q of the same size";
+  int32_t* rs = row_sum.has_value() ? static_cast<int32_t*>((*row_sum).data_ptr()) : nullptr;
+  cudaStream_t stream =
+      static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, x.device().device_id));
+  if (token_scale.has_value()) {
+    mlcq::LaunchQuantizePerToken(x.data_ptr(), kind, M, K,
+                                 static_cast<const float*>((*token_scale).data_ptr()),
+                                 static_cast<int8_t*>(q.data_ptr()), rs, stream);
+  } else {
+    if (!scale.has_value()) TVM_FFI_THROW(ValueError) << "mlcq_quantize: scale required";
+    mlcq::LaunchQuantizePerTensor(
+        x.data_ptr(), kind, M, K, static_cast<const float*>((*scale).data_ptr()),
+        zero.has_value() ? static_cast<const int8_t*>((*zero).data_ptr()) : nullptr,
+        static_cast<int8_t*>(q.data_ptr()), rs, stream);
+  }
+}
+
+}  // namespace
+
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_linear, Linear);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_last_kernel, LastKernel);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_int8_gemm_i32, Int8GemmI32);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_quantize, Quantize);
