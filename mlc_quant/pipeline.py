@@ -28,10 +28,27 @@ Calibrator = Callable[[IRModule, List[str]], ChannelStatsObserver]
 
 
 @dataclass
+class IRPlan:
+    """Every decision the IR passes need, so the same rewrite applies to another export of the
+    model (calibrate on the fp32 CPU build, deploy the fp16 CUDA build)."""
+
+    scheme: QuantScheme
+    weight_names: List[str]
+    explicit_inv_scales: Dict[str, np.ndarray] = field(default_factory=dict)  # SmoothLinear
+    act_qparams: Dict = field(default_factory=dict)  # QuantizeLinear
+
+    def apply(self, mod: IRModule) -> IRModule:
+        mod = AnnotateLinear(weight_names=self.weight_names)(mod)
+        mod = SmoothLinear(self.explicit_inv_scales)(mod)
+        return QuantizeLinear(self.scheme, self.act_qparams)(mod)
+
+
+@dataclass
 class QuantizeResult:
     mod: IRModule  # quantized module; weights are function parameters
     params: Dict[str, np.ndarray]  # its weight params (int8 weights, scales, untouched floats)
     stats: Optional[ChannelStatsObserver]
+    plan: IRPlan
     summary: Dict = field(default_factory=dict)  # what was done, for mlc-quant-config.json
 
 
@@ -60,8 +77,9 @@ def quantize_module(mod: IRModule, params: Mapping[str, np.ndarray], scheme: str
     funcs = list(func_names) if func_names else list(module_linears(mod))
     summary = {"scheme": scheme.name, "alpha": alpha, "smooth": bool(smooth and scheme.quantizes),
                "linears": len(sites)}
+    plan = IRPlan(scheme, list(params))
     if not scheme.quantizes:
-        return QuantizeResult(mod, dict(params), None, summary)
+        return QuantizeResult(mod, dict(params), None, plan, summary)
     layouts = {n: s.transposed for n, s in sites.items()}
 
     # 1. calibrate: one pass, running per-channel stats (O(channels) memory)
@@ -80,29 +98,28 @@ def quantize_module(mod: IRModule, params: Mapping[str, np.ndarray], scheme: str
         groups = find_smoothing_groups(mod)
         factors = plan_smoothing(groups, observer.as_dict(), params, layouts, alpha)
         params = smooth_params(dict(params), groups, factors, layouts)
-        explicit = {}
         for g in groups:
             if g.linears in factors:
                 for n in g.linears:
                     inv_scale[n] = 1.0 / factors[g.linears]
                     if g.fold == "none":
-                        explicit[n] = inv_scale[n]
-        mod = SmoothLinear(explicit)(mod)
+                        plan.explicit_inv_scales[n] = inv_scale[n]
         summary["smoothing_groups"] = {fold: sum(g.fold == fold for g in groups)
                                        for fold in ("norm", "linear", "none", "skip")}
 
     # 3. quantize: activation qparams from (smoothed) stats, int8 weights, the int8 IR
-    act = {n: scheme.act_qparams(observer.stats(n), inv_scale.get(n)) for n in sites} \
-        if scheme.static_activations else {}
+    if scheme.static_activations:
+        plan.act_qparams = {n: scheme.act_qparams(observer.stats(n), inv_scale.get(n)) for n in sites}
     qparams = dict(params)
     for name, site in sites.items():
-        qparams.update(scheme.quantize_weight(name, linear_weight_nk(params[name], site.transposed), act.get(name)))
-    mod = QuantizeLinear(scheme, act)(mod)
+        w_nk = linear_weight_nk(params[name], site.transposed)
+        qparams.update(scheme.quantize_weight(name, w_nk, plan.act_qparams.get(name)))
+    mod = plan.apply(mod)
     used = {p.name for f in mod.functions.values() if isinstance(f, relax.Function) for p in f.params}
     qparams = {k: v for k, v in qparams.items() if k in used}
-    if act:
-        summary["activation_scales"] = {n: [a.scale, a.zero_point] for n, a in act.items()}
-    return QuantizeResult(mod, qparams, observer, summary)
+    if plan.act_qparams:
+        summary["activation_scales"] = {n: [a.scale, a.zero_point] for n, a in plan.act_qparams.items()}
+    return QuantizeResult(mod, qparams, observer, plan, summary)
 
 
 def bind_params(mod: IRModule, params: Mapping[str, np.ndarray]) -> IRModule:
@@ -130,3 +147,14 @@ def build(mod: IRModule, target="llvm"):
     """5. build: dispatch, then compile with TVM's default Relax pipeline."""
     target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
     return tvm.compile(dispatch(mod, target), target)
+
+
+def export_library(exe, path: str, target) -> None:
+    """Write the compiled library; a CUDA build links the external GEMM kernels in."""
+    target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
+    if target.kind.name == "cuda":
+        from mlc_quant.cuda_dispatch import export_library_kwargs
+
+        exe.export_library(path, **export_library_kwargs())
+    else:
+        exe.export_library(path)

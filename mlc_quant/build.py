@@ -1,0 +1,161 @@
+"""Build a Llama-family LLM: load, calibrate over prefill + decode, quantize, compile, write DIR.
+
+``scripts/build.py`` and ``mlc-quant build`` are thin command lines over :func:`build_model`.
+The steps themselves live in ``mlc_quant.pipeline``; this module feeds them a real model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+import tvm
+
+from mlc_quant import artifact, pipeline
+from mlc_quant.calibration import stat_names
+from mlc_quant.datasets import calibration_samples
+from mlc_quant.observers import ChannelStatsObserver
+from mlc_quant.progress import progress
+from mlc_quant.schemes import get_scheme
+
+log = logging.getLogger("mlc_quant")
+
+
+@dataclass
+class BuildOptions:
+    model: str = "smollm2"
+    quantization: str = "smq_q8i8f16_2"
+    output: str = ""
+    alpha: float = 0.5
+    smooth: bool = True
+    max_seq_len: int = 2048
+    dataset: str = "dummy"
+    calib_samples: int = 16
+    calib_seq_len: int = 512
+    calib_decode_steps: int = 4
+    target: str = "llvm"
+    overwrite: bool = False
+    seed: int = 0
+
+
+def parse_target(spec: str) -> tvm.target.Target:
+    """``llvm``, ``cuda`` (sm_90) or ``cuda:sm_XX``; anything else through tvm.target.Target."""
+    host = {"kind": "llvm"}
+    if spec == "cuda" or spec.startswith("cuda:"):
+        arch = spec.split(":", 1)[1] if ":" in spec else "sm_90"
+        return tvm.target.Target({"kind": "cuda", "arch": arch}, host=host)
+    try:
+        return tvm.target.Target(spec)
+    except Exception as err:  # TVM raises several error types for a bad spec
+        raise ValueError(f"unknown --target {spec!r}: use llvm, cuda or cuda:sm_XX ({err})") from None
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _calibrator(opts: BuildOptions, config, params: Dict[str, np.ndarray], tokenizer):
+    """Calibration over the dataset: each sample is prefilled, then continued by decode steps."""
+    from mlc_quant.runtime import Engine
+
+    def calibrate(stats_mod: tvm.IRModule, funcs: List[str]) -> ChannelStatsObserver:
+        observer = ChannelStatsObserver()
+        names = {fn: stat_names(stats_mod[fn]) for fn in funcs}
+
+        def on_stats(fn: str, values: List[np.ndarray]) -> None:
+            observer.update_from_outputs(names[fn], values)
+
+        t0 = time.time()
+        exe = tvm.compile(stats_mod, "llvm")
+        log.info("compiled the calibration module in %.0f s", time.time() - t0)
+        engine = Engine(exe, params, max_seq_len=opts.calib_seq_len, stats_callback=on_stats,
+                        vocab_size=config.vocab_size)
+        samples = calibration_samples(opts.dataset, tokenizer, config.vocab_size, opts.calib_samples,
+                                      opts.calib_seq_len, seed=opts.seed)
+        decode_steps = min(opts.calib_decode_steps, opts.calib_seq_len - 1)
+        count = 0
+        for ids in progress(samples, total=opts.calib_samples, desc="calibrating", unit="sample"):
+            engine.reset()
+            engine.prefill(ids[: len(ids) - decode_steps])
+            for token in ids[len(ids) - decode_steps:]:
+                engine.decode(int(token))
+            count += 1
+        if count == 0:
+            raise ValueError(f"dataset {opts.dataset!r} gave no calibration sample")
+        return observer
+
+    return calibrate
+
+
+def build_model(opts: BuildOptions) -> str:
+    """Build ``opts.model`` with ``opts.quantization`` into ``opts.output``; returns the path."""
+    from mlc_quant.model.llama import export_model
+    from mlc_quant.model.loader import load_config, load_params_dict, resolve_model
+    from mlc_quant.model.tokenizer import load_tokenizer, save_tokenizer
+
+    t_start = time.time()
+    scheme = get_scheme(opts.quantization)
+    target = parse_target(opts.target)
+    if not opts.output:
+        raise ValueError("--output DIR is required")
+    path = resolve_model(opts.model)
+    config = load_config(path)
+    if opts.max_seq_len > config.max_position_embeddings:
+        raise ValueError(f"--max-seq-len={opts.max_seq_len} exceeds the model's maximum "
+                         f"{config.max_position_embeddings} (max_position_embeddings)")
+    if opts.max_seq_len < 1 or opts.calib_seq_len > config.max_position_embeddings:
+        raise ValueError(f"--calib-seq-len={opts.calib_seq_len} must be at most the model's "
+                         f"{config.max_position_embeddings}")
+    # Refuse an existing output before any heavy work.
+    with artifact.atomic_output_dir(opts.output, opts.overwrite) as tmp:
+        tokenizer = load_tokenizer(path)
+        log.info("loading %s (%s)", opts.model, path)
+        mod, names = export_model(config, "float32", "llvm")
+        params = load_params_dict(path, config, "float32")
+        result = pipeline.quantize_module(mod, params, scheme, _calibrator(opts, config, params, tokenizer),
+                                          alpha=opts.alpha, smooth=opts.smooth)
+        calib_s = time.time() - t_start
+        del params
+        qmod, qparams = result.mod, result.params
+        deploy_dtype = "float32"
+        if target.kind.name == "cuda":
+            # Re-export in fp16 with the GPU KV cache and replay the same IR decisions.
+            deploy_dtype = "float16"
+            mod16, _ = export_model(config, "float16", target)
+            qmod = result.plan.apply(mod16)
+            qparams = {k: v.astype(np.float16) if v.dtype == np.float32 and not k.endswith(".scale") else v
+                       for k, v in qparams.items()}
+        t0 = time.time()
+        exe = pipeline.build(qmod, target)
+        compile_s = time.time() - t0
+        lib_path = tmp / artifact.LIB_FILE
+        pipeline.export_library(exe, str(lib_path), target)
+        param_order = [p.name for p in qmod["prefill"].params[2:]]
+        artifact.save_safetensors(tmp / artifact.PARAMS_FILE, {k: qparams[k] for k in param_order},
+                                  metadata={"format": "mlc-quant", "scheme": scheme.name})
+        save_tokenizer(tokenizer, tmp)
+        summary = dict(result.summary)
+        summary.pop("activation_scales", None)  # kept in the IR constants; too long for the config
+        cfg = {
+            "mlc_quant_version": __import__("mlc_quant").__version__,
+            "model": opts.model,
+            "model_config": config.to_dict(),
+            "quantization": summary,
+            "calibration": {
+                "dataset": opts.dataset, "samples": opts.calib_samples, "seq_len": opts.calib_seq_len,
+                "decode_steps": opts.calib_decode_steps, "seed": opts.seed,
+                "stats_bytes": result.stats.nbytes() if result.stats is not None else 0,
+            },
+            "target": str(target.kind.name), "target_spec": opts.target, "dtype": deploy_dtype,
+            "max_seq_len": opts.max_seq_len,
+            "params": param_order,
+            "build": {"calibrate_s": round(calib_s, 1), "compile_s": round(compile_s, 1),
+                      "total_s": round(time.time() - t_start, 1), "peak_rss_mb": round(_peak_rss_mb())},
+        }
+        (tmp / artifact.CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
+        log.info("built %s in %.0f s (peak RSS %.0f MB)", opts.output, time.time() - t_start, _peak_rss_mb())
+    return opts.output

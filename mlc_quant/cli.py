@@ -1,0 +1,120 @@
+"""``mlc-quant`` command line: build, generate, ppl."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from mlc_quant.schemes import SCHEMES
+
+
+def add_build_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2",
+                   help="bundled name (smollm2), a .gguf file, or a Hugging Face folder (config.json + safetensors)")
+    p.add_argument("--quantization", default="smq_q8i8f16_2", choices=list(SCHEMES), metavar="SCHEME",
+                   help=f"one of: {', '.join(SCHEMES)} (default: smq_q8i8f16_2)")
+    p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength in [0, 1] (default 0.5)")
+    p.add_argument("--no-smooth", dest="smooth", action="store_false", help="naive W8A8 (no smoothing)")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="longest sequence the built model serves")
+    p.add_argument("--dataset", default="dummy",
+                   help="calibration data: dummy (seeded random ids), shakespeare, or a local .txt/.json/.jsonl/.parquet path")
+    p.add_argument("--calib-samples", type=int, default=16, help="calibration sequences (default 16)")
+    p.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    p.add_argument("--calib-decode-steps", type=int, default=4,
+                   help="of each sequence, the last N tokens run through decode, the rest through prefill")
+    p.add_argument("--target", default="llvm", help="llvm (default), cuda (sm_90) or cuda:sm_XX")
+    p.add_argument("--output", "-o", default=None, help="output directory (default: out/<model>-<scheme>)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def cmd_build(args) -> int:
+    import os
+
+    from mlc_quant.build import BuildOptions, build_model
+
+    output = args.output or os.path.join("out", f"{os.path.basename(str(args.model)).split('.')[0]}-{args.quantization}")
+    opts = BuildOptions(model=args.model, quantization=args.quantization, output=output, alpha=args.alpha,
+                        smooth=args.smooth, max_seq_len=args.max_seq_len, dataset=args.dataset,
+                        calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+                        calib_decode_steps=args.calib_decode_steps, target=args.target,
+                        overwrite=args.overwrite, seed=args.seed)
+    build_model(opts)
+    print(f"wrote {output}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from mlc_quant.runner import load_built
+
+    engine, tokenizer, _ = load_built(args.dir, device=args.device)
+    prompt = args.prompt
+    if args.chat and getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True)
+    ids = tokenizer.encode(prompt)
+    t0 = time.time()
+    out: list = []
+    printed = ""
+    sys.stdout.write(args.prompt if not args.chat else "")
+    for token in engine.generate(ids, args.max_new_tokens, greedy=args.temperature <= 0,
+                                 temperature=args.temperature, seed=args.seed):
+        out.append(token)
+        text = tokenizer.decode(out, skip_special_tokens=True)
+        sys.stdout.write(text[len(printed):])  # stream only what is new (tokens can merge)
+        sys.stdout.flush()
+        printed = text
+    dt = time.time() - t0
+    sys.stdout.write("\n")
+    print(f"[{len(out)} tokens in {dt:.2f} s, {len(out) / max(dt, 1e-9):.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_ppl(args) -> int:
+    from mlc_quant.runner import load_built, read_text
+
+    engine, tokenizer, _ = load_built(args.dir, device=args.device, max_seq_len=args.ctx)
+    ids = tokenizer.encode(read_text(args.text))
+    if args.max_windows:
+        ids = ids[: args.ctx * args.max_windows]
+    value = engine.perplexity(ids, args.ctx)
+    print(f"windows: {max(len(ids) // args.ctx, 1)} x {args.ctx} tokens")
+    print(f"perplexity: {value:.4f}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mlc-quant", description="Quantize and run LLMs with TVM Relax")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="quantize and compile a model into a directory")
+    add_build_args(b)
+    b.set_defaults(func=cmd_build)
+    g = sub.add_parser("generate", help="stream text from a built model")
+    g.add_argument("dir")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--device", default="cpu", help="cpu or cuda")
+    g.set_defaults(func=cmd_generate)
+    q = sub.add_parser("ppl", help="perplexity of a built model over a text file")
+    q.add_argument("dir")
+    q.add_argument("--text", required=True, help="a text file, or 'britannica' for the cleaned shksprdata article")
+    q.add_argument("--ctx", type=int, default=512)
+    q.add_argument("--max-windows", type=int, default=0, help="evaluate only the first N windows (0 = all)")
+    q.add_argument("--device", default="cpu", help="cpu or cuda")
+    q.set_defaults(func=cmd_ppl)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
