@@ -39,8 +39,9 @@ class Engine:  # pylint: disable=too-many-instance-attributes
     """Batch-1 inference over one sequence held in a paged KV cache.
 
     params: the weights, either a list in the order the functions take them (after their
-    two inputs), or a mapping keyed by the functions' weight parameter names (relax.Var
-    names). numpy arrays are copied to `device` once. Empty/None when weights are bound.
+    two inputs), a mapping keyed by the functions' weight parameter names (relax.Var
+    names), or an iterator of (name, array) such as `loader.load_params(...)` (streamed
+    to the device). numpy arrays are copied to `device` once. None when weights are bound.
     stats_callback: for modules instrumented by CollectStats; called as
     `stats_callback(func_name, [np arrays])` after every prefill chunk and decode step.
     """
@@ -66,7 +67,7 @@ class Engine:  # pylint: disable=too-many-instance-attributes
         self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
         self.stats_callback = stats_callback
         self._args = self._place_params(params)
-        self.vocab_size = vocab_size or self._infer_vocab_size(params)
+        self.vocab_size = vocab_size or self._infer_vocab_size()
         self._funcs = {fn: self.vm[fn] for fn in RUN_FUNCTIONS}
         self._begin = tvm.get_global_func("vm.builtin.kv_state_begin_forward")
         self._end = tvm.get_global_func("vm.builtin.kv_state_end_forward")
@@ -92,6 +93,10 @@ class Engine:  # pylint: disable=too-many-instance-attributes
     def _place_params(self, params) -> dict[str, list]:
         """Device copies of the weights, per function; each weight is copied once."""
         names = {fn: self._weight_names(fn) for fn in RUN_FUNCTIONS}
+        if params is not None and not isinstance(params, (Mapping, Sequence)):
+            # A stream of (name, array), e.g. loader.load_params(): each array is placed on
+            # the device as it comes, so the host never holds the whole model.
+            params = {name: self._to_device(array) for name, array in params}
         if isinstance(params, Mapping):
             needed = dict.fromkeys(n for fn in RUN_FUNCTIONS for n in names[fn])
             missing = [n for n in needed if n not in params]
@@ -111,12 +116,12 @@ class Engine:  # pylint: disable=too-many-instance-attributes
             return v if v.device == self.device else v.copyto(self.device)
         return tvm.runtime.tensor(np.ascontiguousarray(v), self.device)
 
-    @staticmethod
-    def _infer_vocab_size(params) -> int | None:
-        if isinstance(params, Mapping):
-            for name in ("model_embed_tokens_weight", "lm_head_weight"):
-                if name in params:
-                    return int(params[name].shape[0])
+    def _infer_vocab_size(self) -> int | None:
+        # Output width of the LM head, from the weights the functions take by name.
+        names = self._weight_names("prefill")
+        for name in ("lm_head_weight", "model_embed_tokens_weight"):
+            if name in names:
+                return int(self._args["prefill"][names.index(name)].shape[0])
         return None
 
     # ------------------------------------------------------------------ forward
