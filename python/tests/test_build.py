@@ -1,0 +1,158 @@
+"""scripts/build.py end to end on a tiny random Llama: artifact, generate, ppl, and its errors."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mlc_quant import artifact
+from mlc_quant.cli import main as cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def byte_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer without merges: 256 byte tokens (vocab of the tiny model)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    assert len(vocab) == 256 <= vocab_size
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_llama_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-with-tokenizer")
+    shutil.copytree(tiny_llama_dir, folder, dirs_exist_ok=True)
+    byte_tokenizer(256).save_pretrained(folder)
+    return str(folder)
+
+
+def build(model, out, scheme, *extra):
+    return cli(["build", "--model", model, "--quantization", scheme, "--max-seq-len", "128",
+                "--calib-samples", "3", "--calib-seq-len", "32", "--output", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def built(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("builds") / "smq2"
+    assert build(tiny_model, out, "smq_q8i8f16_2") == 0
+    return out
+
+
+def test_artifact_layout_and_config(built):
+    names = sorted(os.listdir(built))
+    for f in (artifact.LIB_FILE, artifact.PARAMS_FILE, artifact.CONFIG_FILE, "tokenizer.json"):
+        assert f in names
+    cfg = json.loads((built / artifact.CONFIG_FILE).read_text())
+    assert cfg["quantization"]["scheme"] == "smq_q8i8f16_2" and cfg["quantization"]["smooth"]
+    # qkv and gate/up of 2 layers, and the final norm into the untied lm_head
+    assert cfg["quantization"]["smoothing_groups"]["norm"] == 5
+    assert cfg["calibration"]["samples"] == 3
+    params = artifact.load_safetensors(built / artifact.PARAMS_FILE)
+    assert list(params) == cfg["params"]
+    q = [n for n in params if n.endswith(".q")]
+    assert len(q) == 2 * 7 + 1 and all(params[n].dtype == np.int8 for n in q)  # 7 linears a layer + lm_head
+    # O(channels) statistics: a few float vectors per linear, however many tokens calibrated
+    assert cfg["calibration"]["stats_bytes"] <= 3 * 4 * 15 * 128
+    # no temporary directories left beside the output
+    assert not [p for p in os.listdir(built.parent) if p.startswith(".")]
+
+
+def test_generate_and_ppl_run_the_artifact(built, capsys):
+    assert cli(["generate", str(built), "--prompt", "hello", "--max-new-tokens", "5"]) == 0
+    assert cli(["ppl", str(built), "--text", "britannica", "--ctx", "64", "--max-windows", "2"]) == 0
+    out = capsys.readouterr().out
+    ppl = float(out.strip().splitlines()[-1].split("perplexity:")[1])
+    assert np.isfinite(ppl) and ppl > 1
+
+
+def test_q0f32_build_matches_transformers_greedy(tiny_model, tmp_path):
+    """The float build through scripts/build.py generates what transformers generates."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mlc_quant.runner import load_built
+
+    out = tmp_path / "f32"
+    assert build(tiny_model, out, "q0f32") == 0
+    engine, _, _ = load_built(out)
+    prompt = [5, 17, 33, 101, 7]
+    ours = list(engine.generate(prompt, 8))
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        gen = ref.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None)
+    expected = gen[0, len(prompt):].tolist()
+    expected = expected[: expected.index(2)] if 2 in expected else expected
+    assert ours == expected
+
+
+def test_scripts_build_command_line(tiny_model, tmp_path):
+    """The documented entry point, as a user runs it."""
+    out = tmp_path / "cli"
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "build.py"), f"--model={tiny_model}",
+           "--quantization=smq_q8i8f16_3", "--max-seq-len=128", "--dataset=dummy", "--calib-samples=2",
+           "--calib-seq-len=16", f"--output={out}"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / artifact.LIB_FILE).is_file()
+
+
+@pytest.mark.parametrize("case", ["exists", "dataset", "seq", "arch", "tokenizer", "config", "scheme"])
+def test_build_errors_are_clear_and_leave_nothing(case, tiny_model, tmp_path, capsys):
+    model = tiny_model
+    out = tmp_path / "out"
+    extra = []
+    scheme = "smq_q8i8f16_1"
+    expect = {
+        "exists": "exists; pass --overwrite",
+        "dataset": "does not exist",
+        "seq": "exceeds the model's maximum",
+        "arch": "supported",
+        "tokenizer": "no tokenizer",
+        "config": "config.json",
+        "scheme": "invalid choice",
+    }[case]
+    if case == "exists":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    elif case == "dataset":
+        extra = ["--dataset", str(tmp_path / "missing.txt")]
+    elif case == "seq":
+        extra = ["--max-seq-len", "100000"]
+    elif case in ("arch", "tokenizer", "config"):
+        model = str(tmp_path / "model")
+        shutil.copytree(tiny_model, model)
+        if case == "arch":
+            cfg = json.loads(open(os.path.join(model, "config.json")).read())
+            cfg["architectures"] = ["GPT2LMHeadModel"]
+            cfg["model_type"] = "gpt2"
+            open(os.path.join(model, "config.json"), "w").write(json.dumps(cfg))
+        elif case == "tokenizer":
+            for f in os.listdir(model):
+                if f.startswith(("tokenizer", "special_tokens")):
+                    os.remove(os.path.join(model, f))
+        else:
+            os.remove(os.path.join(model, "config.json"))
+    elif case == "scheme":
+        scheme = "smq_q4"
+    if case == "scheme":
+        with pytest.raises(SystemExit):
+            build(model, out, scheme, *extra)
+    else:
+        assert build(model, out, scheme, *extra) == 2
+    err = capsys.readouterr().err
+    assert expect in err, err
+    if case == "exists":
+        assert os.listdir(out) == ["keep.txt"]  # untouched
+    else:
+        assert not out.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp dir left
