@@ -127,7 +127,8 @@ class LlamaConfig:  # pylint: disable=too-many-instance-attributes
             rope_scaling=rope or None,
             vocab_size=config["vocab_size"],
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            attention_bias=bool(config.get("attention_bias", SUPPORTED_HF_ARCHITECTURES[arch])),
+            # Qwen2 hard-codes q/k/v biases; Llama/Mistral make them optional.
+            attention_bias=SUPPORTED_HF_ARCHITECTURES[arch] or bool(config.get("attention_bias")),
             max_position_embeddings=config.get("max_position_embeddings", 2048),
             bos_token_id=config.get("bos_token_id"),
             eos_token_id=config.get("eos_token_id"),
