@@ -25,6 +25,7 @@ import concurrent.futures
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -82,7 +83,15 @@ def _require_nvcc() -> str:
 
 
 def cuda_home() -> Path:
-    return Path(os.path.realpath(_require_nvcc())).parent.parent
+    """The CUDA toolkit root ($CUDA_HOME, nvcc's install dir, or /usr/local/cuda)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    # nvcc may be a wrapper script (e.g. /usr/local/bin/nvcc): its dir is not the toolkit.
+    candidates.append(str(Path(os.path.realpath(_require_nvcc())).parent.parent))
+    candidates.append("/usr/local/cuda")
+    for c in candidates:
+        if c and (Path(c) / "include" / "cuda_runtime.h").is_file():
+            return Path(c)
+    raise KernelBuildError("CUDA toolkit headers (cuda_runtime.h) not found: set CUDA_HOME")
 
 
 def _nvcc_version(nvcc: str) -> str:
@@ -260,9 +269,24 @@ def _tree_digest(root: Path, patterns: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def _local_headers_digest() -> str:
+_INCLUDE_RE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.M)
+
+
+def _local_headers_digest(source: Optional[Path] = None) -> str:
+    """Digest of the local headers a source includes (transitively); all of them if None."""
+    if source is None:
+        headers = sorted(KERNEL_DIR.glob("*.h"))
+    else:
+        seen, todo = set(), [source]
+        while todo:
+            for name in _INCLUDE_RE.findall(todo.pop().read_text()):
+                p = KERNEL_DIR / name
+                if p.is_file() and p not in seen:
+                    seen.add(p)
+                    todo.append(p)
+        headers = sorted(seen)
     h = hashlib.sha256()
-    for p in sorted(KERNEL_DIR.glob("*.h")):
+    for p in headers:
         h.update(p.name.encode())
         h.update(p.read_bytes())
     return h.hexdigest()
@@ -300,7 +324,7 @@ def build_kernels(out_dir: str | os.PathLike | None = None, *, jobs: Optional[in
     units = _units()
     needs = {n for u in units for n in u.needs}
     inc: Dict[str, List[str]] = {"local": [f"-I{KERNEL_DIR}", f"-I{cuda_home() / 'include'}"]}
-    digests = {"local": _local_headers_digest(), "nvcc": _nvcc_version(nvcc)}
+    digests = {"nvcc": _nvcc_version(nvcc)}
     if "ffi" in needs:
         dirs = _ffi_include_dirs()
         inc["ffi"] = [f"-I{d}" for d in dirs]
@@ -321,8 +345,9 @@ def build_kernels(out_dir: str | os.PathLike | None = None, *, jobs: Optional[in
         for u in order:
             includes = inc["local"] + [f for n in u.needs for f in inc[n]]
             h = hashlib.sha256()
-            for part in (u.source.read_bytes(), " ".join(u.flags).encode(), digests["local"].encode(),
-                         digests["nvcc"].encode(), *(digests[n].encode() for n in u.needs)):
+            for part in (u.source.read_bytes(), " ".join(u.flags + includes).encode(),
+                         _local_headers_digest(u.source).encode(), digests["nvcc"].encode(),
+                         *(digests[n].encode() for n in u.needs)):
                 h.update(part)
             futures.append(pool.submit(_compile, nvcc, u, includes, out / f"{u.name}.o", h.hexdigest(), verbose))
         paths = [str(f.result()) for f in futures]
@@ -350,6 +375,8 @@ def link_options(rpath: bool = True) -> List[str]:
     opts.append(f"-l{cb.lib_name}")
     if rpath:
         opts.append(f"-Wl,-rpath,{lib64}")
+        if cb.lib_dir is not None and cb.lib_dir != lib64:
+            opts.append(f"-Wl,-rpath,{cb.lib_dir}")
     return opts
 
 

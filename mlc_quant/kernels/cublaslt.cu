@@ -171,6 +171,40 @@ bool Run(bool i8, const LtGemm& g, cudaStream_t stream) {
 }  // namespace
 
 bool LtInt8Gemm(const LtGemm& g, cudaStream_t stream) { return Run(true, g, stream); }
+
+int LtProbeInt8(int64_t M, int64_t N, int64_t K, int out_kind, bool alpha_vector, int device_id) {
+  // Asks the heuristic whether int8 x int8 with an fp32 scale can write out_kind
+  // (1: int8, 2: fp16, 3: bf16) with a per-row alpha vector: documents what cuBLASLt can fuse.
+  DeviceState* st = State(device_id);
+  std::lock_guard<std::mutex> lock(st->mu);
+  cudaDataType_t cd = out_kind == 1 ? CUDA_R_8I : out_kind == 2 ? CUDA_R_16F : CUDA_R_16BF;
+  cublasLtMatmulDesc_t desc;
+  if (cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32I, CUDA_R_32F) != CUBLAS_STATUS_SUCCESS) return -1;
+  const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+  cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta));
+  cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb));
+  if (alpha_vector) {
+    const cublasLtPointerMode_t pm = CUBLASLT_POINTER_MODE_ALPHA_DEVICE_VECTOR_BETA_ZERO;
+    cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_POINTER_MODE, &pm, sizeof(pm));
+  }
+  cublasLtMatrixLayout_t la, lb, lc;
+  cublasLtMatrixLayoutCreate(&la, CUDA_R_8I, K, N, K);
+  cublasLtMatrixLayoutCreate(&lb, CUDA_R_8I, K, M, K);
+  cublasLtMatrixLayoutCreate(&lc, cd, N, M, N);
+  cublasLtMatmulPreference_t pref;
+  cublasLtMatmulPreferenceCreate(&pref);
+  size_t ws = kLtWorkspaceBytes;
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
+  cublasLtMatmulHeuristicResult_t res[4];
+  int n = 0;
+  cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(st->handle, desc, la, lb, lc, lc, pref, 4, res, &n);
+  cublasLtMatmulPreferenceDestroy(pref);
+  cublasLtMatrixLayoutDestroy(la);
+  cublasLtMatrixLayoutDestroy(lb);
+  cublasLtMatrixLayoutDestroy(lc);
+  cublasLtMatmulDescDestroy(desc);
+  return s == CUBLAS_STATUS_SUCCESS ? n : -static_cast<int>(s);
+}
 bool LtFloatGemm(const LtGemm& g, cudaStream_t stream) { return Run(false, g, stream); }
 
 }  // namespace mlcq

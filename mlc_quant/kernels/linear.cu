@@ -462,9 +462,14 @@ void Quantize(TensorView x, OptT scale, OptT zero, OptT token_scale, TensorView 
   }
 }
 
+int64_t LtProbe(int64_t M, int64_t N, int64_t K, int64_t out_kind, bool alpha_vector, int64_t device) {
+  return mlcq::LtProbeInt8(M, N, K, static_cast<int>(out_kind), alpha_vector, static_cast<int>(device));
+}
+
 }  // namespace
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_linear, Linear);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_lt_probe_int8, LtProbe);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_last_kernel, LastKernel);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_int8_gemm_i32, Int8GemmI32);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_quantize, Quantize);

@@ -21,5 +21,8 @@ struct LtGemm {
 // Return false when cuBLASLt has no algorithm for the problem (e.g. int8 with K % 4 != 0).
 bool LtInt8Gemm(const LtGemm& g, cudaStream_t stream);   // int8 x int8 -> int32
 bool LtFloatGemm(const LtGemm& g, cudaStream_t stream);  // fp16/bf16/fp32, fp32 accumulation
+// Number of heuristic algos for int8 x int8 -> out_kind (1 int8, 2 fp16, 3 bf16) with an fp32
+// scale (optionally a per-row alpha vector); negative: -cublasStatus_t.
+int LtProbeInt8(int64_t M, int64_t N, int64_t K, int out_kind, bool alpha_vector, int device_id);
 
 }  // namespace mlcq

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Benchmark mlc_quant's GEMM kernels on one GPU (numbers for docs/performance.md).
+
+For each shape M x N x K (default: Llama-2-7B prefill, M=2048 and (N, K) = (4096, 4096),
+(11008, 4096), (4096, 11008)) it times, in one process on one card:
+
+  lt_i8          plain cuBLASLt int8 x int8 -> int32 (64 MiB workspace): the ceiling to match
+  fused          our W8A8 GEMM with the per-channel dequantize fused, fp16 out (auto policy)
+  fused_cfgN     the same forced onto CUTLASS tile config N
+  lt_i8+epi      cuBLASLt int8 -> int32 + our separate dequantize kernel (the unfused fallback)
+  fused_token    per-token x per-channel scales (auto policy)
+  linear_q       fused plus the activation quantization kernel (fp16 x in, as a model runs it)
+  fp16           our fp16 GEMM (cuBLASLt, fp32 accumulation): the q0f16 baseline
+  torch_fp16     torch.nn.functional.linear, a sanity check of the fp16 number
+
+Each variant is captured in a CUDA graph (launch overhead out of the numbers), replayed with
+rotating input buffers (so the weights are not served from L2), and timed with CUDA events;
+the median of several replays is reported. Needs torch with CUDA and the kernel library:
+``--lib libmlc_quant_kernels.so`` (built with mlc_quant.kernels.build_shared_library) or, with
+the full mlc_quant installed and nvcc present, it is built on the fly.
+
+    python scripts/bench_gemm.py --lib .gpu/libmlc_quant_kernels.so [--sweep] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+LLAMA_SHAPES = [(2048, 4096, 4096), (2048, 11008, 4096), (2048, 4096, 11008)]
+SWEEP_M = [1, 16, 64, 128, 256, 512, 1024, 2048, 4096]
+SYM, TOKEN, FLOAT = 1, 3, 0
+AUTO, CUTLASS0, CUTLASS1, CUTLASS2, CUBLASLT = 0, 2, 3, 4, 5
+
+
+def load_lib(path):
+    import tvm_ffi  # pylint: disable=import-outside-toplevel
+
+    if path is None:
+        from mlc_quant.kernels import build_shared_library  # pylint: disable=import-outside-toplevel
+
+        path = build_shared_library("build/bench/libmlc_quant_kernels.so")
+    return tvm_ffi.load_module(path)
+
+
+def time_graph(torch, tvm_ffi, fn_sets, iters_per_graph=20, replays=7):
+    """Median seconds per call of fn (cycling through fn_sets) inside a captured CUDA graph."""
+    for fn in fn_sets:  # warm-up: plans, workspaces, lazy loading happen outside the capture
+        fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with tvm_ffi.use_torch_stream(torch.cuda.graph(g)):
+        for i in range(iters_per_graph):
+            fn_sets[i % len(fn_sets)]()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / iters_per_graph)
+    return statistics.median(times)
+
+
+def bench_shape(torch, tvm_ffi, lib, M, N, K, variants, rotate=3):
+    dev = "cuda"
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(M * 131 + N * 7 + K)
+    sets = []
+    for _ in range(rotate):
+        x = torch.randn(M, K, device=dev, generator=gen, dtype=torch.float16)
+        xq = torch.randint(-127, 128, (M, K), device=dev, generator=gen, dtype=torch.int8)
+        wq = torch.randint(-127, 128, (N, K), device=dev, generator=gen, dtype=torch.int8)
+        w = torch.randn(N, K, device=dev, generator=gen, dtype=torch.float16) / K**0.5
+        sets.append(dict(x=x, xq=xq, wq=wq, w=w))
+    s_col = torch.rand(N, device=dev, generator=gen, dtype=torch.float32) * 1e-4
+    s_tok = torch.rand(M, 1, device=dev, generator=gen, dtype=torch.float32) * 1e-2 + 1e-3
+    s_x = torch.tensor(0.05, device=dev, dtype=torch.float32)
+    out_h = torch.empty(M, N, device=dev, dtype=torch.float16)
+    out_i = torch.empty(M, N, device=dev, dtype=torch.int32)
+    lin, i8 = lib["mlcq_linear"], lib["mlcq_int8_gemm_i32"]
+    none7 = (None,) * 7
+
+    def mk(name, st):
+        if name == "lt_i8":
+            return lambda: i8(st["xq"], st["wq"], out_i)
+        if name == "fp16":
+            return lambda: lin(FLOAT, AUTO, st["x"], st["w"], False, *none7, None, out_h)
+        if name == "torch_fp16":
+            return lambda: torch.matmul(st["x"], st["w"].t(), out=out_h)
+        if name == "fused_token":
+            return lambda: lin(TOKEN, AUTO, st["xq"], st["wq"], False, None, None, s_tok, s_col, None, None, None,
+                               None, out_h)
+        if name == "linear_q":
+            return lambda: lin(SYM, AUTO, st["x"], st["wq"], False, s_x, None, None, s_col, None, None, None, None,
+                               out_h)
+        backend = {"fused": AUTO, "fused_cfg0": CUTLASS0, "fused_cfg1": CUTLASS1, "fused_cfg2": CUTLASS2,
+                   "lt_i8+epi": CUBLASLT}[name]
+        return lambda: lin(SYM, backend, st["xq"], st["wq"], False, None, None, None, s_col, None, None, None, None,
+                           out_h)
+
+    res = {}
+    for name in variants:
+        try:
+            t = time_graph(torch, tvm_ffi, [mk(name, st) for st in sets])
+            res[name] = t
+            if name == "fused":
+                res["fused_kernel"] = str(lib["mlcq_last_kernel"]())
+        except Exception as err:  # pylint: disable=broad-except
+            res[name] = None
+            res[f"{name}_error"] = str(err).splitlines()[0][:200]
+    return res
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lib", help="prebuilt libmlc_quant_kernels.so")
+    p.add_argument("--sweep", action="store_true", help="also sweep M for the tile-config policy")
+    p.add_argument("--json", help="write all numbers here")
+    args = p.parse_args(argv)
+
+    import torch  # pylint: disable=import-outside-toplevel
+    import tvm_ffi  # pylint: disable=import-outside-toplevel
+
+    if not torch.cuda.is_available():
+        sys.exit("bench_gemm.py needs a CUDA GPU")
+    lib = load_lib(args.lib)
+    card = torch.cuda.get_device_name()
+    print(f"card: {card}  (torch {torch.__version__}, CUDA {torch.version.cuda})", flush=True)
+    probes = {f"int8->{k}{' alpha-vector' if v else ''}": int(lib["mlcq_lt_probe_int8"](2048, 4096, 4096, code, v, 0))
+              for k, code in (("int8", 1), ("fp16", 2), ("bf16", 3)) for v in (False, True)}
+    print("cuBLASLt heuristic algos for int8 GEMMs with an fp32 scale:", probes, flush=True)
+
+    main_variants = ["lt_i8", "fused", "fused_cfg0", "fused_cfg1", "fused_cfg2", "lt_i8+epi", "fused_token",
+                     "linear_q", "fp16", "torch_fp16"]
+    results = {"card": card, "cublaslt_probes": probes, "shapes": []}
+    print(f"\n{'M':>5} {'N':>6} {'K':>6} | " + " | ".join(f"{v:>11}" for v in main_variants))
+    rows = []
+    for M, N, K in LLAMA_SHAPES:
+        r = bench_shape(torch, tvm_ffi, lib, M, N, K, main_variants)
+        r.update(M=M, N=N, K=K)
+        results["shapes"].append(r)
+        rows.append(r)
+        cells = [f"{r[v] * 1e6:9.1f}us" if r.get(v) else f"{'n/a':>11}" for v in main_variants]
+        print(f"{M:>5} {N:>6} {K:>6} | " + " | ".join(cells), flush=True)
+    print("\nTOP/s and targets (fused vs lt_i8 >= 90%, fused vs fp16 >= 1.6x):")
+    for r in rows:
+        ops = 2.0 * r["M"] * r["N"] * r["K"]
+        f, li, h = r.get("fused"), r.get("lt_i8"), r.get("fp16")
+        line = f"  {r['M']}x{r['N']}x{r['K']}: fused {ops / f / 1e12:7.1f} TOP/s ({r.get('fused_kernel')})" if f else "  fused n/a"
+        if f and li:
+            line += f", lt_i8 {ops / li / 1e12:7.1f} TOP/s, fused/lt_i8 = {li / f * 100:5.1f}%"
+        if f and h:
+            line += f", fp16 {ops / h / 1e12:6.1f} TF/s, fp16/fused time = {h / f:4.2f}x"
+        print(line, flush=True)
+    if args.sweep:
+        sweep_variants = ["lt_i8", "fused", "fused_cfg0", "fused_cfg1", "fused_cfg2", "lt_i8+epi", "fp16"]
+        print(f"\nM sweep (us): {'M':>5} {'N':>6} {'K':>6} | " + " | ".join(f"{v:>10}" for v in sweep_variants))
+        results["sweep"] = []
+        for N, K in [(4096, 4096), (11008, 4096), (4096, 11008)]:
+            for M in SWEEP_M:
+                r = bench_shape(torch, tvm_ffi, lib, M, N, K, sweep_variants)
+                r.update(M=M, N=N, K=K)
+                results["sweep"].append(r)
+                cells = [f"{r[v] * 1e6:10.1f}" if r.get(v) else f"{'n/a':>10}" for v in sweep_variants]
+                print(f"             {M:>5} {N:>6} {K:>6} | " + " | ".join(cells) + f"  [{r.get('fused_kernel')}]",
+                      flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
