@@ -110,12 +110,12 @@ def _int8_matmul(xq: DFPattern, roles, parts) -> DFPattern:
     return mm
 
 
-def _spec_symmetric(quantize_inside: bool, bias: bool) -> _Spec:
+def _spec_symmetric(quantize_inside: bool, bias: bool, const=is_const) -> _Spec:
     roles, parts = {}, {}
     xq = _int8_x(quantize_inside, roles, parts)
     acc = _int8_matmul(xq, roles, parts)
     roles["scale"] = s = wildcard()
-    parts["dq_zero"] = z = is_const()
+    parts["dq_zero"] = z = const()
     parts["dequantize"] = y = is_op("relax.dequantize")(acc, s, z)
     if bias:
         y = _add_bias(y, roles)
@@ -123,7 +123,7 @@ def _spec_symmetric(quantize_inside: bool, bias: bool) -> _Spec:
     return _Spec(name, Scheme.SYMMETRIC, y, roles, parts)
 
 
-def _spec_asymmetric(quantize_inside: bool, bias: bool) -> _Spec:
+def _spec_asymmetric(quantize_inside: bool, bias: bool, const=is_const) -> _Spec:
     roles, parts = {}, {}
     xq = _int8_x(quantize_inside, roles, parts)
     acc = _int8_matmul(xq, roles, parts)
@@ -132,7 +132,7 @@ def _spec_asymmetric(quantize_inside: bool, bias: bool) -> _Spec:
     t = is_op("relax.subtract")(acc, is_op("relax.multiply")(rs, zw))
     t = is_op("relax.subtract")(t, c)
     roles["scale"] = s = wildcard()
-    parts["dq_zero"] = z = is_const()
+    parts["dq_zero"] = z = const()
     parts["dequantize"] = y = is_op("relax.dequantize")(t, s, z)
     if bias:
         y = _add_bias(y, roles)
@@ -140,7 +140,7 @@ def _spec_asymmetric(quantize_inside: bool, bias: bool) -> _Spec:
     return _Spec(name, Scheme.ASYMMETRIC, y, roles, parts)
 
 
-def _spec_per_token(quantize_inside: bool, bias: bool) -> _Spec:
+def _spec_per_token(quantize_inside: bool, bias: bool, const=is_const) -> _Spec:
     roles, parts = {}, {}
     roles["token_scale"] = st = wildcard()
     xq = _int8_x(quantize_inside, roles, parts, per_token_scale=st)
@@ -157,7 +157,7 @@ def _spec_per_token(quantize_inside: bool, bias: bool) -> _Spec:
     return _Spec(name, Scheme.PER_TOKEN, y, roles, parts)
 
 
-def _spec_float(w_kn: bool, bias: bool) -> _Spec:
+def _spec_float(w_kn: bool, bias: bool, const=is_const) -> _Spec:
     roles, parts = {}, {}
     roles["x"], roles["w"] = x, w = wildcard(), wildcard()
     rhs = w if w_kn else is_op("relax.permute_dims")(w)
@@ -170,24 +170,31 @@ def _spec_float(w_kn: bool, bias: bool) -> _Spec:
     return _Spec(name, Scheme.FLOAT, y, roles, parts, w_kn=w_kn)
 
 
-def _specs() -> List[_Spec]:
-    """All patterns, most specific first (FuseOpsByPattern's priority order)."""
+def _specs(const=is_const) -> List[_Spec]:
+    """All patterns, most specific first (FuseOpsByPattern's priority order).
+
+    ``const`` matches the structural constants (the dequantize zero point). Inside a composite
+    made with ``bind_constants=False`` they are parameters, so the codegen re-matches the
+    composite body with ``const=wildcard``.
+    """
     out = []
     for bias in (True, False):
         for q in (True, False):
-            out += [_spec_asymmetric(q, bias), _spec_per_token(q, bias), _spec_symmetric(q, bias)]
+            out += [_spec_asymmetric(q, bias, const), _spec_per_token(q, bias, const), _spec_symmetric(q, bias, const)]
     for bias in (True, False):
-        out += [_spec_float(False, bias), _spec_float(True, bias)]
+        out += [_spec_float(False, bias, const), _spec_float(True, bias, const)]
     return out
 
 
 _SPECS: Dict[str, _Spec] = {}
+_LIFTED_SPECS: Dict[str, _Spec] = {}
 
 
-def _spec_table() -> Dict[str, _Spec]:
+def _spec_table(lifted: bool = False) -> Dict[str, _Spec]:
     if not _SPECS:
         _SPECS.update({s.name: s for s in _specs()})
-    return _SPECS
+        _LIFTED_SPECS.update({s.name: s for s in _specs(const=wildcard)})
+    return _LIFTED_SPECS if lifted else _SPECS
 
 
 def fusion_patterns() -> List[FusionPattern]:
@@ -434,7 +441,7 @@ def _wrapper_source(symbol: str, spec: _Spec, roles: Dict[str, int], n_params: i
 
 
 def _codegen(functions: Sequence[relax.Function], options) -> List[tvm.runtime.Module]:
-    table = _spec_table()
+    table = _spec_table(lifted=True)
     bodies, symbols = [], []
     for func in functions:
         symbol = str(func.attrs["global_symbol"])

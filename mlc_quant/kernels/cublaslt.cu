@@ -92,8 +92,8 @@ Plan* GetPlan(DeviceState* st, const PlanKey& key, const void* bias) {
   std::unique_ptr<Plan> plan(new Plan());
   const cudaDataType_t ab = i8 ? CUDA_R_8I : LtType(in_dt);
   const cudaDataType_t cd = i8 ? CUDA_R_32I : LtType(out_dt);
-  const cublasComputeType_t ct =
-      i8 ? CUBLAS_COMPUTE_32I : (in_dt == kF32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F);
+  // fp32 stays full fp32 (no TF32): the Relax matmul it replaces is exact fp32.
+  const cublasComputeType_t ct = i8 ? CUBLAS_COMPUTE_32I : CUBLAS_COMPUTE_32F;
   const cudaDataType_t st_t = i8 ? CUDA_R_32I : CUDA_R_32F;
   MLCQ_LT_CHECK(cublasLtMatmulDescCreate(&plan->desc, ct, st_t));
   // W row-major [N, K] is column-major [K, N] -> op T; W row-major [K, N] is col-major [N, K].

@@ -528,11 +528,14 @@ def test_gpu_w8a8_schemes(klib, M, NK, scheme):
 def test_gpu_kernel_choice(klib):
     torch = _torch_cuda()
     sm90 = torch.cuda.get_device_capability() == (9, 0)
-    expected = {(4096, 4096): "cutlass:" if sm90 else "cublaslt", (328, 176): "cutlass:" if sm90 else "cublaslt",
-                (200, 100): "cublaslt", (72, 37): "simt"}
-    for (N, K), prefix in expected.items():
+    cut = ("cutlass:",) if sm90 else ("cublaslt",)
+    # K % 16 == 0 and N % 8 == 0: CUTLASS; else cuBLASLt's int8 GEMM where it has an algorithm
+    # (K % 4 == 0), else the CUDA-core kernel.
+    expected = {(4096, 4096): cut, (328, 176): cut, (200, 100): ("cublaslt",), (72, 37): ("simt", "cublaslt"),
+                (30, 64): ("cublaslt", "simt")}
+    for (N, K), prefixes in expected.items():
         _run_w8a8(klib, "sym1", 64, N, K, x_float=True, bias=False, seed=1)
-        assert str(klib["mlcq_last_kernel"]()).startswith(prefix), (N, K, klib["mlcq_last_kernel"]())
+        assert str(klib["mlcq_last_kernel"]()).startswith(prefixes), (N, K, klib["mlcq_last_kernel"]())
 
 
 @needs_gpu
@@ -603,8 +606,8 @@ def test_gpu_float_gemm(klib, M, w_kn):
         ref = xr @ wr.T + bd.float().cpu().numpy()
         out = _out((M, N), F)
         klib["mlcq_linear"](FLOAT, AUTO, xd, wd, w_kn, None, None, None, None, None, None, None, bd, out)
-        # fp32 runs through TF32 tensor cores (cuBLASLt FAST_TF32).
-        _assert_close(_host(out), ref, f"float {F} M={M} N={N} K={K} kn={w_kn}", rel=5e-3)
+        _assert_close(_host(out), ref, f"float {F} M={M} N={N} K={K} kn={w_kn}",
+                      rel={"float16": 3e-3, "bfloat16": 2e-2, "float32": 1e-5}[F])
 
 
 # =============================================================================================
@@ -624,6 +627,7 @@ def _e2e_cases():
 @pytest.mark.parametrize("case", _e2e_cases(), ids=lambda c: c[1]["name"])
 def test_gpu_byoc_module_matches_cpu_build(case):
     import tvm  # pylint: disable=import-outside-toplevel
+    from tvm.runtime import vm as tvm_vm  # pylint: disable=import-outside-toplevel
 
     d, c = case
     cuda_rt = Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"
@@ -631,7 +635,7 @@ def test_gpu_byoc_module_matches_cpu_build(case):
         ctypes.CDLL(str(cuda_rt), mode=ctypes.RTLD_GLOBAL)
     lib = tvm.runtime.load_module(os.path.join(d, c["lib"]))
     dev = tvm.cuda(0)
-    vm = tvm.runtime.vm.VirtualMachine(lib, dev)
+    vm = tvm_vm.VirtualMachine(lib, dev)
     data = np.load(os.path.join(d, c["data"]))
     for run in range(c["runs"]):
         args = [tvm.runtime.tensor(data[f"in{run}_{i}"], dev) for i in range(c["n_inputs"])]
@@ -674,7 +678,9 @@ def make_gpu_bundle(out_dir: str) -> None:
         dmod = cd.dispatch_gemms(mod, strict=True)
         cd.export_library(tvm.compile(dmod, target=_cuda_target()), str(out / f"{name}.so"))
         np.savez(out / f"{name}.npz", **arrays)
-        cases.append(dict(name=name, lib=f"{name}.so", data=f"{name}.npz", runs=3, n_inputs=n_inputs, rel=3e-3))
+        # TVM's CPU matmul accumulates fp16 in fp16: the float cases' reference is coarser.
+        rel = 2e-2 if name.startswith("float") or name == "two_layer" else 3e-3
+        cases.append(dict(name=name, lib=f"{name}.so", data=f"{name}.npz", runs=3, n_inputs=n_inputs, rel=rel))
         print(f"[make-gpu-bundle] {name}", flush=True)
     (out / "cases.json").write_text(json.dumps(cases, indent=1))
 
