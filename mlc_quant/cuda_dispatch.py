@@ -16,9 +16,18 @@
    ``external_mods``, so ``tvm.compile`` + ``export_library(path, options=link_options())`` links
    everything into one shared library (see :func:`export_library`).
 
-Shapes that the fastest kernel cannot take (K % 16 or N % 8 for CUTLASS) are still offloaded:
-the kernel library falls back at run time to cuBLASLt + an epilogue kernel, or a CUDA-core GEMM,
-and ``dispatch_gemms`` logs which static shapes will take such a path.
+The kernel is chosen at run time from the actual shape (mlc_quant/kernels/linear.cu): CUTLASS
+sm90 with the dequantize fused in its epilogue, except for M <= 64 where cuBLASLt's int8 GEMM +
+a separate epilogue kernel measured faster. Shapes CUTLASS cannot take (K % 16 or N % 8 != 0,
+non-fp16 output) are still offloaded: they run on cuBLASLt + the epilogue kernel, or a CUDA-core
+GEMM for odd K; ``dispatch_gemms`` logs which static shapes take such a path. No padding is
+needed, so the IR is never changed beyond the BYOC calls.
+
+Build and export::
+
+    mod = dispatch_gemms(mod)                       # before tvm.compile's legalization
+    ex = tvm.compile(mod, target=Target({"kind": "cuda", "arch": "sm_90"}, host="llvm"))
+    export_library(ex, "model.so")                  # = ex.export_library(path, options=link_options())
 """
 from __future__ import annotations
 

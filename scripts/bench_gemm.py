@@ -5,17 +5,19 @@ For each shape M x N x K (default: Llama-2-7B prefill, M=2048 and (N, K) = (4096
 (11008, 4096), (4096, 11008)) it times, in one process on one card:
 
   lt_i8          plain cuBLASLt int8 x int8 -> int32 (64 MiB workspace): the ceiling to match
-  fused          our W8A8 GEMM with the per-channel dequantize fused, fp16 out (auto policy)
-  fused_cfgN     the same forced onto CUTLASS tile config N
+  fused          our W8A8 GEMM with the per-channel dequantize, fp16 out (auto policy: CUTLASS
+                 with the dequantize fused in the epilogue, or cuBLASLt + epilogue for M <= 64)
+  fused_cfgN     the same forced onto CUTLASS tile config N (0: 128x128 ping-pong, 1: stream-K)
   lt_i8+epi      cuBLASLt int8 -> int32 + our separate dequantize kernel (the unfused fallback)
   fused_token    per-token x per-channel scales (auto policy)
   linear_q       fused plus the activation quantization kernel (fp16 x in, as a model runs it)
   fp16           our fp16 GEMM (cuBLASLt, fp32 accumulation): the q0f16 baseline
   torch_fp16     torch.nn.functional.linear, a sanity check of the fp16 number
 
-Each variant is captured in a CUDA graph (launch overhead out of the numbers), replayed with
-rotating input buffers (so the weights are not served from L2), and timed with CUDA events;
-the median of several replays is reported. Needs torch with CUDA and the kernel library:
+Each variant is captured in a CUDA graph (launch overhead out of the numbers) of 20 calls that
+rotate over 3 input sets (so the weights are not served from L2); the graphs of one shape are
+replayed in interleaved rounds (clock drift hits all variants alike) and timed with CUDA events;
+the median per call over the rounds is reported. Needs torch with CUDA and the kernel library:
 ``--lib libmlc_quant_kernels.so`` (built with mlc_quant.kernels.build_shared_library) or, with
 the full mlc_quant installed and nvcc present, it is built on the fly.
 
@@ -31,7 +33,7 @@ import sys
 LLAMA_SHAPES = [(2048, 4096, 4096), (2048, 11008, 4096), (2048, 4096, 11008)]
 SWEEP_M = [1, 16, 64, 128, 256, 512, 1024, 2048, 4096]
 SYM, TOKEN, FLOAT = 1, 3, 0
-AUTO, CUTLASS0, CUTLASS1, CUTLASS2, CUBLASLT = 0, 2, 3, 4, 5
+AUTO, CUTLASS0, CUTLASS1, CUBLASLT = 0, 2, 3, 4
 
 
 def load_lib(path):
@@ -44,30 +46,18 @@ def load_lib(path):
     return tvm_ffi.load_module(path)
 
 
-def _events(torch, run, n, replays):
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / n)
-    return statistics.median(times)
-
-
 GRAPH_FAILURES = []
 
 
-def time_graph(torch, tvm_ffi, fn_sets, iters_per_graph=20, replays=7):
-    """Median seconds per call of fn (cycling through fn_sets) inside a captured CUDA graph;
-    plain back-to-back launches if capture fails (noted in GRAPH_FAILURES)."""
+def make_runner(torch, tvm_ffi, fn_sets, iters=20):
+    """A zero-argument callable that runs `iters` calls (cycling through fn_sets): a replayed
+    CUDA graph, or plain back-to-back launches if capture fails (noted in GRAPH_FAILURES)."""
     for fn in fn_sets:  # warm-up: plans, workspaces, lazy loading happen outside the capture
         fn()
     torch.cuda.synchronize()
 
     def eager():
-        for i in range(iters_per_graph):
+        for i in range(iters):
             fn_sets[i % len(fn_sets)]()
 
     try:
@@ -76,13 +66,25 @@ def time_graph(torch, tvm_ffi, fn_sets, iters_per_graph=20, replays=7):
             eager()
         g.replay()
         torch.cuda.synchronize()
+        return g.replay
     except Exception as err:  # pylint: disable=broad-except
         torch.cuda.synchronize()
         GRAPH_FAILURES.append(str(err).splitlines()[0][:160])
-        eager()
-        torch.cuda.synchronize()
-        return _events(torch, eager, iters_per_graph, replays)
-    return _events(torch, g.replay, iters_per_graph, replays)
+        return eager
+
+
+def time_interleaved(torch, runners, iters=20, rounds=9):
+    """Median seconds per call of each runner, timed round-robin."""
+    times = {k: [] for k in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            torch.cuda.synchronize()
+            times[name].append(start.elapsed_time(end) / 1e3 / iters)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def bench_shape(torch, tvm_ffi, lib, M, N, K, variants, rotate=3):
@@ -117,21 +119,20 @@ def bench_shape(torch, tvm_ffi, lib, M, N, K, variants, rotate=3):
         if name == "linear_q":
             return lambda: lin(SYM, AUTO, st["x"], st["wq"], False, s_x, None, None, s_col, None, None, None, None,
                                out_h)
-        backend = {"fused": AUTO, "fused_cfg0": CUTLASS0, "fused_cfg1": CUTLASS1, "fused_cfg2": CUTLASS2,
-                   "lt_i8+epi": CUBLASLT}[name]
+        backend = {"fused": AUTO, "fused_cfg0": CUTLASS0, "fused_cfg1": CUTLASS1, "lt_i8+epi": CUBLASLT}[name]
         return lambda: lin(SYM, backend, st["xq"], st["wq"], False, None, None, None, s_col, None, None, None, None,
                            out_h)
 
-    res = {}
+    res, runners = {}, {}
     for name in variants:
         try:
-            t = time_graph(torch, tvm_ffi, [mk(name, st) for st in sets])
-            res[name] = t
+            runners[name] = make_runner(torch, tvm_ffi, [mk(name, st) for st in sets])
             if name == "fused":
                 res["fused_kernel"] = str(lib["mlcq_last_kernel"]())
         except Exception as err:  # pylint: disable=broad-except
             res[name] = None
             res[f"{name}_error"] = str(err).splitlines()[0][:200]
+    res.update(time_interleaved(torch, runners))
     return res
 
 
@@ -154,7 +155,7 @@ def main(argv=None):
               for k, code in (("int8", 1), ("fp16", 2), ("bf16", 3)) for v in (False, True)}
     print("cuBLASLt heuristic algos for int8 GEMMs with an fp32 scale:", probes, flush=True)
 
-    main_variants = ["lt_i8", "fused", "fused_cfg0", "fused_cfg1", "fused_cfg2", "lt_i8+epi", "fused_token",
+    main_variants = ["lt_i8", "fused", "fused_cfg0", "fused_cfg1", "lt_i8+epi", "fused_token",
                      "linear_q", "fp16", "torch_fp16"]
     results = {"card": card, "cublaslt_probes": probes, "shapes": []}
     print(f"\n{'M':>5} {'N':>6} {'K':>6} | " + " | ".join(f"{v:>11}" for v in main_variants))
@@ -177,7 +178,7 @@ def main(argv=None):
             line += f", fp16 {ops / h / 1e12:6.1f} TF/s, fp16/fused time = {h / f:4.2f}x"
         print(line, flush=True)
     if args.sweep:
-        sweep_variants = ["lt_i8", "fused", "fused_cfg0", "fused_cfg1", "fused_cfg2", "lt_i8+epi", "fp16"]
+        sweep_variants = ["lt_i8", "fused", "fused_cfg0", "fused_cfg1", "lt_i8+epi", "fp16"]
         print(f"\nM sweep (us): {'M':>5} {'N':>6} {'K':>6} | " + " | ".join(f"{v:>10}" for v in sweep_variants))
         results["sweep"] = []
         for N, K in [(4096, 4096), (11008, 4096), (4096, 11008)]:

@@ -43,9 +43,8 @@ class Backend(IntEnum):
     CUTLASS = 1
     CUTLASS0 = 2
     CUTLASS1 = 3
-    CUTLASS2 = 4
-    CUBLASLT = 5
-    SIMT = 6
+    CUBLASLT = 4
+    SIMT = 5
 
 
 __all__ = [

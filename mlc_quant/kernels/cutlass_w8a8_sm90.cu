@@ -80,26 +80,22 @@ struct AffineSat<cutlass::Array<float, N>> {
 };
 
 // ---- tile configurations (chosen per shape by linear.cu from measurements) ----
+// Measured on H200 (docs/performance.md): 128x128 ping-pong matches or beats cuBLASLt's int8
+// GEMM from M=512 up; a 128x256 cooperative config (2-CTA clusters) was never faster than it
+// and was dropped; stream-K wins where there are too few 128x128 tiles to fill the SMs.
 #if MLCQ_CFG == 0
-// Large prefill GEMMs: 128x256 tiles, two consumer warpgroups, 2-CTA clusters (TMA multicast of B).
-using TileShape = Shape<_128, _256, _128>;
-using ClusterShape = Shape<_2, _1, _1>;
-using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
-using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
-using TileScheduler = cutlass::gemm::PersistentScheduler;
-#define MLCQ_CFG_NAME "128x256x128_c2x1_coop"
-#elif MLCQ_CFG == 1
-// Mid-size M: 128x128 tiles, ping-pong consumers hide the epilogue behind the next tile's MMA.
+// Prefill: 128x128 tiles, ping-pong consumers hide the epilogue behind the next tile's MMA,
+// 2-CTA clusters share the activation tile through TMA multicast.
 using TileShape = Shape<_128, _128, _128>;
 using ClusterShape = Shape<_1, _2, _1>;
 using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
 using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
 using TileScheduler = cutlass::gemm::PersistentScheduler;
 #define MLCQ_CFG_NAME "128x128x128_c1x2_pingpong"
-#elif MLCQ_CFG == 2
-// Small M (decode / short prompts): narrow 64-column tiles and stream-K, so that the few output
-// tiles still spread the K loop over all SMs (the GEMM is bound by reading wq; the rows past M
-// are zero-filled by TMA and cost no memory traffic). Cooperative needs 128 rows per tile.
+#elif MLCQ_CFG == 1
+// Few output tiles (e.g. M <= 256 with N = 4096): narrow 64-column tiles and stream-K, so that
+// the K loop spreads over all SMs. The rows past M are zero-filled by TMA and cost no memory
+// traffic. Cooperative (needed by stream-K) wants 128 rows per tile.
 using TileShape = Shape<_128, _64, _128>;
 using ClusterShape = Shape<_1, _1, _1>;
 using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;

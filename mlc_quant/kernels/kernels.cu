@@ -64,22 +64,37 @@ __global__ void __launch_bounds__(kRowThreads)
   int8_t* qr = q + m * K;
   int acc = 0;
   if constexpr (kVec) {
-    constexpr int V = 8;
-    for (int64_t k = int64_t(threadIdx.x) * V; k < K; k += int64_t(kRowThreads) * V) {
-      T v[V];
-      if constexpr (sizeof(T) == 2) {
-        *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(xr + k);
-      } else {
-        *reinterpret_cast<float4*>(v) = *reinterpret_cast<const float4*>(xr + k);
-        *reinterpret_cast<float4*>(v + 4) = *reinterpret_cast<const float4*>(xr + k + 4);
-      }
-      int8_t o[V];
+    // U independent 16-byte loads in flight per thread before any use: a row of 4096 fp16 is
+    // only two vectors per thread, so without this the loads serialize on latency.
+    constexpr int V = 8, U = 4;
+    constexpr int64_t kStep = int64_t(kRowThreads) * V;
+    for (int64_t base = int64_t(threadIdx.x) * V; base < K; base += kStep * U) {
+      T v[U][V];
 #pragma unroll
-      for (int i = 0; i < V; ++i) {
-        o[i] = quantize_one(to_f32(v[i]), s, z, lo);
-        acc += o[i];
+      for (int u = 0; u < U; ++u) {
+        const int64_t k = base + u * kStep;
+        if (k < K) {
+          if constexpr (sizeof(T) == 2) {
+            *reinterpret_cast<uint4*>(v[u]) = *reinterpret_cast<const uint4*>(xr + k);
+          } else {
+            *reinterpret_cast<float4*>(v[u]) = *reinterpret_cast<const float4*>(xr + k);
+            *reinterpret_cast<float4*>(v[u] + 4) = *reinterpret_cast<const float4*>(xr + k + 4);
+          }
+        }
       }
-      *reinterpret_cast<uint2*>(qr + k) = *reinterpret_cast<const uint2*>(o);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t k = base + u * kStep;
+        if (k < K) {
+          int8_t o[V];
+#pragma unroll
+          for (int i = 0; i < V; ++i) {
+            o[i] = quantize_one(to_f32(v[u][i]), s, z, lo);
+            acc += o[i];
+          }
+          *reinterpret_cast<uint2*>(qr + k) = *reinterpret_cast<const uint2*>(o);
+        }
+      }
     }
   } else {
     for (int64_t k = threadIdx.x; k < K; k += kRowThreads) {

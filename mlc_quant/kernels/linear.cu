@@ -171,11 +171,10 @@ Backend EnvBackend(Backend requested) {
     if (!std::strcmp(v, "cutlass")) return Backend::kCutlass;
     if (!std::strcmp(v, "cutlass0")) return Backend::kCutlass0;
     if (!std::strcmp(v, "cutlass1")) return Backend::kCutlass1;
-    if (!std::strcmp(v, "cutlass2")) return Backend::kCutlass2;
     if (!std::strcmp(v, "cublaslt")) return Backend::kCublasLt;
     if (!std::strcmp(v, "simt")) return Backend::kSimt;
     ThrowError("ValueError", std::string("MLC_QUANT_INT8_BACKEND=") + v +
-                                 ": expected auto|cutlass|cutlass0|cutlass1|cutlass2|cublaslt|simt");
+                                 ": expected auto|cutlass|cutlass0|cutlass1|cublaslt|simt");
   }();
   return env;
 }
@@ -183,19 +182,22 @@ Backend EnvBackend(Backend requested) {
 using CutlassFn = const char* (*)(const GemmProblem&, Workspace*, cudaStream_t);
 using CutlassNameFn = const char* (*)();
 // The asym-capable EVT covers every scheme (null operands = neutral), so one object per config.
-const CutlassFn kCutlassFns[kNumCutlassConfigs] = {
-    cutlass_w8a8_sm90_cfg0_asym1, cutlass_w8a8_sm90_cfg1_asym1, cutlass_w8a8_sm90_cfg2_asym1};
+const CutlassFn kCutlassFns[kNumCutlassConfigs] = {cutlass_w8a8_sm90_cfg0_asym1,
+                                                   cutlass_w8a8_sm90_cfg1_asym1};
 const CutlassNameFn kCutlassNames[kNumCutlassConfigs] = {cutlass_w8a8_sm90_name_cfg0_asym1,
-                                                         cutlass_w8a8_sm90_name_cfg1_asym1,
-                                                         cutlass_w8a8_sm90_name_cfg2_asym1};
+                                                         cutlass_w8a8_sm90_name_cfg1_asym1};
 
-// Tile config by shape; thresholds from scripts/bench_gemm.py (docs/performance.md).
+// The measured policy (scripts/bench_gemm.py --sweep, docs/performance.md):
+//  * M <= 64 (decode, short prompts): cuBLASLt's split-K int8 GEMM + the separate epilogue
+//    kernel beats both CUTLASS configs (the GEMM reads wq; CUTLASS's stream-K fixup costs more
+//    than the ~2 us epilogue launch);
+//  * too few 128x128 tiles for half the SMs: CUTLASS stream-K (config 1);
+//  * otherwise CUTLASS 128x128 ping-pong (config 0), at or above cuBLASLt int8 from M = 512.
+constexpr int64_t kSmallM = 64;
+
 int PickCutlassConfig(const GemmProblem& p, const DeviceInfo& info) {
-  if (p.M <= 64) return 2;
-  const int64_t tiles_256 = ((p.M + 127) / 128) * ((p.N + 255) / 256);
-  // Too few 128x256 tiles to fill the SMs: smaller tiles balance better.
-  if (p.M <= 256 || tiles_256 < info.sm_count) return 1;
-  return 0;
+  const int64_t tiles = ((p.M + 127) / 128) * ((p.N + 127) / 128);
+  return 2 * tiles <= info.sm_count ? 1 : 0;
 }
 
 std::string CutlassUnusable(const GemmProblem& p, const DeviceInfo& info) {
@@ -215,46 +217,61 @@ void SetLast(const std::string& name) {
   g_last_kernel = g_last_kernel_buf.c_str();
 }
 
+// Returns "" when it ran, else why not.
+std::string TryCutlass(const GemmProblem& p, Backend backend, const DeviceInfo& info,
+                       Workspace* ws, cudaStream_t stream) {
+  std::string why = CutlassUnusable(p, info);
+  if (!why.empty()) return why;
+  const int cfg = backend == Backend::kCutlass0   ? 0
+                  : backend == Backend::kCutlass1 ? 1
+                                                  : PickCutlassConfig(p, info);
+  const char* err = kCutlassFns[cfg](p, ws, stream);
+  if (*err != 0) return err;
+  MLCQ_CUDA_CHECK(cudaGetLastError());
+  SetLast(std::string("cutlass:") + kCutlassNames[cfg]());
+  return "";
+}
+
+bool TryCublasLt(const GemmProblem& p, Workspace* ws, cudaStream_t stream) {
+  int32_t* acc = static_cast<int32_t*>(
+      ws->get(static_cast<size_t>(p.M) * p.N * sizeof(int32_t), Workspace::kAcc32));
+  LtGemm g;
+  g.M = p.M, g.N = p.N, g.K = p.K, g.x = p.x, g.w = p.w, g.out = acc, g.device_id = p.device_id;
+  if (!LtInt8Gemm(g, stream)) return false;
+  LaunchDequantEpilogue(acc, p, stream);
+  SetLast("cublaslt_i8+epilogue");
+  return true;
+}
+
 void RunInt8Gemm(GemmProblem& p, Backend backend, cudaStream_t stream) {
   const DeviceInfo& info = GetDeviceInfo(p.device_id);
   p.sm_count = info.sm_count;
   Workspace* ws = Workspace::ForDevice(p.device_id);
-  const bool want_cutlass = backend == Backend::kAuto || backend == Backend::kCutlass ||
-                            backend == Backend::kCutlass0 || backend == Backend::kCutlass1 ||
-                            backend == Backend::kCutlass2;
-  if (want_cutlass) {
-    std::string why = CutlassUnusable(p, info);
-    if (why.empty()) {
-      int cfg = backend == Backend::kCutlass0   ? 0
-                : backend == Backend::kCutlass1 ? 1
-                : backend == Backend::kCutlass2 ? 2
-                                                : PickCutlassConfig(p, info);
-      const char* err = kCutlassFns[cfg](p, ws, stream);
-      if (*err == 0) {
-        MLCQ_CUDA_CHECK(cudaGetLastError());
-        SetLast(std::string("cutlass:") + kCutlassNames[cfg]());
-        return;
-      }
-      why = err;
-    }
-    if (backend != Backend::kAuto) ThrowError("ValueError", "mlc_quant: CUTLASS backend forced but unusable: " + why);
-  }
-  if (backend == Backend::kAuto || backend == Backend::kCublasLt) {
-    int32_t* acc = static_cast<int32_t*>(
-        ws->get(static_cast<size_t>(p.M) * p.N * sizeof(int32_t), Workspace::kAcc32));
-    LtGemm g;
-    g.M = p.M, g.N = p.N, g.K = p.K, g.x = p.x, g.w = p.w, g.out = acc, g.device_id = p.device_id;
-    if (LtInt8Gemm(g, stream)) {
-      LaunchDequantEpilogue(acc, p, stream);
-      SetLast("cublaslt_i8+epilogue");
+  switch (backend) {
+    case Backend::kCutlass:
+    case Backend::kCutlass0:
+    case Backend::kCutlass1: {
+      std::string why = TryCutlass(p, backend, info, ws, stream);
+      if (!why.empty()) ThrowError("ValueError", "mlc_quant: CUTLASS backend forced but unusable: " + why);
       return;
     }
-    if (backend == Backend::kCublasLt)
-      ThrowError("ValueError", "mlc_quant: cuBLASLt has no int8 algorithm for M=" +
-                                   std::to_string(p.M) + " N=" + std::to_string(p.N) +
-                                   " K=" + std::to_string(p.K) + " (int8 needs K % 4 == 0)");
+    case Backend::kCublasLt:
+      if (!TryCublasLt(p, ws, stream))
+        ThrowError("ValueError", "mlc_quant: cuBLASLt has no int8 algorithm for M=" +
+                                     std::to_string(p.M) + " N=" + std::to_string(p.N) +
+                                     " K=" + std::to_string(p.K) + " (int8 needs K % 4 == 0)");
+      return;
+    case Backend::kSimt:
+      LaunchSimtW8A8(p, stream);
+      SetLast("simt");
+      return;
+    case Backend::kAuto:
+      break;
   }
-  LaunchSimtW8A8(p, stream);
+  if (p.M <= kSmallM && TryCublasLt(p, ws, stream)) return;
+  if (TryCutlass(p, Backend::kAuto, info, ws, stream).empty()) return;
+  if (p.M > kSmallM && TryCublasLt(p, ws, stream)) return;
+  LaunchSimtW8A8(p, stream);  // odd K (cuBLASLt's int8 GEMM wants K % 4 == 0)
   SetLast("simt");
 }
 
@@ -403,7 +420,7 @@ void Linear(int64_t scheme, int64_t backend, TensorView x, TensorView w, bool w_
             OptT bias, TensorView out) {
   using mlcq::DLView;
   if (scheme < 0 || scheme > 3) TVM_FFI_THROW(ValueError) << "mlcq_linear: bad scheme " << scheme;
-  if (backend < 0 || backend > 6) TVM_FFI_THROW(ValueError) << "mlcq_linear: bad backend " << backend;
+  if (backend < 0 || backend > 5) TVM_FFI_THROW(ValueError) << "mlcq_linear: bad backend " << backend;
   DLView vx(x, "x"), vw(w, "w"), vxs(x_scale, "x_scale"), vxz(x_zero, "x_zero"),
       vts(token_scale, "token_scale"), vs(scale, "scale"), vwz(w_zero, "w_zero"),
       vc(corr, "corr"), vrs(row_sum, "row_sum"), vb(bias, "bias"), vo(out, "out");

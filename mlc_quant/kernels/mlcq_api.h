@@ -26,12 +26,11 @@ enum class Scheme : int {
 
 enum class Backend : int {
   kAuto = 0,      // pick per shape (measured policy, see docs/performance.md)
-  kCutlass = 1,   // CUTLASS sm90, auto tile config
-  kCutlass0 = 2,  // force tile config 0/1/2 (benchmarks)
+  kCutlass = 1,   // CUTLASS sm90 with the fused epilogue, tile config by shape
+  kCutlass0 = 2,  // force tile config 0 (128x128 ping-pong) / 1 (128x64 stream-K)
   kCutlass1 = 3,
-  kCutlass2 = 4,
-  kCublasLt = 5,  // cuBLASLt int8 -> int32 + separate epilogue kernel (not fused)
-  kSimt = 6,      // CUDA cores, any shape
+  kCublasLt = 4,  // cuBLASLt int8 -> int32 + separate epilogue kernel (not fused)
+  kSimt = 5,      // CUDA cores, any shape
 };
 
 struct LinearArgs {

@@ -31,7 +31,7 @@ import pytest
 
 # mirrors mlcq::Scheme / mlcq::Backend (mlc_quant/kernels/mlcq_api.h)
 FLOAT, SYM, ASYM, TOKEN = 0, 1, 2, 3
-AUTO, CUTLASS, CUTLASS0, CUTLASS1, CUTLASS2, CUBLASLT, SIMT = range(7)
+AUTO, CUTLASS, CUTLASS0, CUTLASS1, CUBLASLT, SIMT = range(6)
 
 
 def _full_tvm() -> bool:
@@ -343,6 +343,32 @@ def test_dispatch_codegen_build_and_export(tmp_path):
     assert "__tvm_ffi_mlcq_linear" in nm  # the kernels are linked in
 
 
+@needs_build
+def test_dispatch_with_bound_constant_weights():
+    """Weights bound as constants stay VM constants: lifted to wrapper arguments, not code."""
+    import tvm  # pylint: disable=import-outside-toplevel
+    from tvm import relax  # pylint: disable=import-outside-toplevel
+
+    from mlc_quant import cuda_dispatch as cd  # pylint: disable=import-outside-toplevel
+
+    mod = linear_module("asym", 72, 176, bias=True)
+    values = random_params(mod, 4, seed=0)
+    names = [p.name for p in mod["main"].params]
+    bound = relax.transform.BindParams("main", {n: tvm.runtime.tensor(v) for n, v in zip(names[1:], values[1:])})(mod)
+    assert len(bound["main"].params) == 1
+    out = cd.dispatch_gemms(bound, strict=True, attach_kernels=False)
+    calls = []
+    relax.analysis.post_order_visit(
+        out["main"],
+        lambda e: calls.append(e)
+        if isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.call_dps_packed"
+        else None,
+    )
+    assert len(calls) == 1
+    args = list(calls[0].args[1].fields)
+    assert sum(isinstance(a, tvm.ir.expr.Constant) for a in args) >= 6  # wq, scales, zero points, bias
+
+
 def _cuda_target():
     import tvm  # pylint: disable=import-outside-toplevel
 
@@ -528,23 +554,26 @@ def test_gpu_w8a8_schemes(klib, M, NK, scheme):
 def test_gpu_kernel_choice(klib):
     torch = _torch_cuda()
     sm90 = torch.cuda.get_device_capability() == (9, 0)
-    cut = ("cutlass:",) if sm90 else ("cublaslt",)
-    # K % 16 == 0 and N % 8 == 0: CUTLASS; else cuBLASLt's int8 GEMM where it has an algorithm
-    # (K % 4 == 0), else the CUDA-core kernel.
-    expected = {(4096, 4096): cut, (328, 176): cut, (200, 100): ("cublaslt",), (72, 37): ("simt", "cublaslt"),
-                (30, 64): ("cublaslt", "simt")}
-    for (N, K), prefixes in expected.items():
-        _run_w8a8(klib, "sym1", 64, N, K, x_float=True, bias=False, seed=1)
-        assert str(klib["mlcq_last_kernel"]()).startswith(prefixes), (N, K, klib["mlcq_last_kernel"]())
+    # M > 64, K % 16 == 0 and N % 8 == 0: CUTLASS (ping-pong, or stream-K when the 128x128
+    # tiles cannot fill half the SMs); M <= 64: cuBLASLt + epilogue; cuBLASLt's int8 GEMM where
+    # it has an algorithm (K % 4 == 0), else the CUDA-core kernel.
+    pp = "cutlass:128x128x128_c1x2_pingpong" if sm90 else "cublaslt"
+    sk = "cutlass:128x64x128_c1x1_coop_streamk" if sm90 else "cublaslt"
+    expected = {(2048, 4096, 4096): (pp,), (256, 4096, 4096): (sk,), (16, 4096, 4096): ("cublaslt",),
+                (130, 328, 176): (sk,), (130, 200, 100): ("cublaslt",), (130, 72, 37): ("simt", "cublaslt"),
+                (130, 30, 64): ("cublaslt", "simt")}
+    for (M, N, K), prefixes in expected.items():
+        _run_w8a8(klib, "sym1", M, N, K, x_float=True, bias=False, seed=1)
+        assert str(klib["mlcq_last_kernel"]()).startswith(prefixes), (M, N, K, klib["mlcq_last_kernel"]())
 
 
 @needs_gpu
-@pytest.mark.parametrize("backend", [CUTLASS0, CUTLASS1, CUTLASS2, CUBLASLT, SIMT])
+@pytest.mark.parametrize("backend", [CUTLASS, CUTLASS0, CUTLASS1, CUBLASLT, SIMT])
 @pytest.mark.parametrize("M", [1, 7, 130, 2048])
 @pytest.mark.parametrize("scheme", _SCHEMES)
 def test_gpu_w8a8_every_backend(klib, backend, M, scheme):
     torch = _torch_cuda()
-    if backend in (CUTLASS0, CUTLASS1, CUTLASS2) and torch.cuda.get_device_capability() != (9, 0):
+    if backend in (CUTLASS, CUTLASS0, CUTLASS1) and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("CUTLASS kernels are sm_90a")
     N, K = (1032, 528) if M < 2048 else (2056, 1040)
     out, ref = _run_w8a8(klib, scheme, M, N, K, x_float=True, bias=True, seed=M * 7 + backend, backend=backend)
@@ -567,6 +596,8 @@ def test_gpu_forced_cutlass_rejects_unaligned(klib):
         pytest.skip("sm_90a only")
     with pytest.raises(ValueError, match="K % 16"):
         _run_w8a8(klib, "sym1", 8, 64, 100, x_float=True, bias=False, seed=5, backend=CUTLASS0)
+    with pytest.raises(ValueError, match="float16 only"):
+        _run_w8a8(klib, "sym1", 8, 64, 128, x_float=True, bias=False, seed=5, backend=CUTLASS, F="float32")
 
 
 @needs_gpu
