@@ -1,4 +1,4 @@
-"""Model configuration of the Llama family (Llama, Mistral, Qwen2), read from HF or GGUF metadata."""
+"""Configuration of Llama-family models (Llama, Mistral, Qwen2), from HF or GGUF metadata."""
 
 from __future__ import annotations
 

@@ -133,7 +133,7 @@ class _SafetensorsSource:
         for name in files:
             file = os.path.join(folder, name)
             if not os.path.isfile(file):
-                raise FileNotFoundError(f"shard {name} listed in the index is missing from {folder}")
+                raise FileNotFoundError(f"shard {name} listed in the index is not in {folder}")
             with open(file, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")
                 header = json.loads(f.read(n))

@@ -103,6 +103,9 @@ class CPUTranspose(CPUScheduleRule):
         return sch
 
 
+SCHEDULE_RULES = (CPUMatmul(), CPUTranspose(), dl.cpu.GEMV(), dl.cpu.Reduction())
+
+
 def cpu_pipeline(target: tvm.target.Target):
     """TVM's llvm default pipeline with dlight CPU schedules after legalization."""
 
@@ -112,7 +115,7 @@ def cpu_pipeline(target: tvm.target.Target):
             seq = tvm.transform.Sequential(
                 cpu_generic.library_dispatch_passes(target)
                 + cpu_generic.legalize_passes(target)
-                + [dl.ApplyDefaultSchedule(CPUMatmul(), CPUTranspose(), dl.cpu.GEMV(), dl.cpu.Reduction())]
+                + [dl.ApplyDefaultSchedule(*SCHEDULE_RULES)]
                 + cpu_generic.dataflow_lower_passes(target)
                 + cpu_generic.finalize_passes(target)
             )

@@ -232,7 +232,8 @@ def test_perplexity_definition(tiny_case):
 
 def _instrument(mod: tvm.IRModule) -> tvm.IRModule:
     """Mimic CollectStats' contract: each function returns ((logits, kv), (stat,))."""
-    base = tvm.IRModule({gv: f for gv, f in mod.functions_items() if gv.name_hint not in MODEL_FUNCTIONS})
+    others = {gv: f for gv, f in mod.functions_items() if gv.name_hint not in MODEL_FUNCTIONS}
+    base = tvm.IRModule(others)
     bb = relax.BlockBuilder(base)
     for fn in MODEL_FUNCTIONS:
         orig = mod[fn]
@@ -344,7 +345,8 @@ def test_gguf_unpermute_matches_transformers(smollm2):
         if t.name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.7.attn_k.weight"):
             raw = gguf.quants.dequantize(t.data, t.tensor_type)
             expected = processor.process(raw, t.name).weights
-            np.testing.assert_array_equal(params[gguf_to_hf_name(t.name).replace(".", "_")], expected)
+            ir_name = gguf_to_hf_name(t.name).replace(".", "_")
+            np.testing.assert_array_equal(params[ir_name], expected)
             heads = cfg.num_attention_heads if "attn_q" in t.name else cfg.num_key_value_heads
             np.testing.assert_array_equal(unpermute_rope(raw, heads), expected)
             checked += 1
@@ -434,7 +436,8 @@ def britannica_text() -> str:
     folder = next(iter(spec.submodule_search_locations))
     with open(os.path.join(folder, "ancillary", "britannica-11th.txt"), encoding="utf-8") as f:
         lines = f.read().splitlines()
-    keep = [ln for ln in lines if not ln.startswith("###") and not re.fullmatch(r"p\.\d+:\d+\s*", ln)]
+    page_marker = re.compile(r"p\.\d+:\d+\s*")
+    keep = [ln for ln in lines if not ln.startswith("###") and not page_marker.fullmatch(ln)]
     return "\n".join(keep)
 
 
