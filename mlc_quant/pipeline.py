@@ -25,6 +25,9 @@ log = logging.getLogger("mlc_quant")
 
 # calibrate(stats_module, function_names) -> observer holding the merged statistics
 Calibrator = Callable[[IRModule, List[str]], ChannelStatsObserver]
+# quantize_weights(float params after smoothing, {linear: LinearSite}, plan) -> the params of every
+# linear that the scheme's weight_param_specs name. Default: round-to-nearest (rtn_weights).
+WeightQuantizer = Callable[[Dict[str, np.ndarray], Dict, "IRPlan"], Dict[str, np.ndarray]]
 
 
 @dataclass
@@ -66,9 +69,19 @@ def annotate(mod: IRModule, params: Mapping[str, np.ndarray]) -> IRModule:
     return mod
 
 
+def rtn_weights(params: Dict[str, np.ndarray], sites: Dict, plan: "IRPlan") -> Dict[str, np.ndarray]:
+    """Round-to-nearest weight quantization of every linear (the scheme's own quantizer)."""
+    out = {}
+    for name, site in sites.items():
+        w_nk = linear_weight_nk(params[name], site.transposed)
+        out.update(plan.scheme.quantize_weight(name, w_nk, plan.act_qparams.get(name)))
+    return out
+
+
 def quantize_module(mod: IRModule, params: Mapping[str, np.ndarray], scheme: str | QuantScheme,
                     calibrate: Calibrator, alpha: float = 0.5, smooth: bool = True,
-                    func_names: Optional[Sequence[str]] = None) -> QuantizeResult:
+                    func_names: Optional[Sequence[str]] = None,
+                    quantize_weights: WeightQuantizer = rtn_weights) -> QuantizeResult:
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1] (SmoothQuant migration strength), got {alpha}")
@@ -111,9 +124,7 @@ def quantize_module(mod: IRModule, params: Mapping[str, np.ndarray], scheme: str
     if scheme.static_activations:
         plan.act_qparams = {n: scheme.act_qparams(observer.stats(n), inv_scale.get(n)) for n in sites}
     qparams = dict(params)
-    for name, site in sites.items():
-        w_nk = linear_weight_nk(params[name], site.transposed)
-        qparams.update(scheme.quantize_weight(name, w_nk, plan.act_qparams.get(name)))
+    qparams.update(quantize_weights(params, sites, plan))
     mod = plan.apply(mod)
     used = {p.name for f in mod.functions.values() if isinstance(f, relax.Function) for p in f.params}
     qparams = {k: v for k, v in qparams.items() if k in used}
