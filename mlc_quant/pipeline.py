@@ -164,8 +164,8 @@ def export_library(exe, path: str, target) -> None:
     """Write the compiled library; a CUDA build links the external GEMM kernels in."""
     target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
     if target.kind.name == "cuda":
-        from mlc_quant.cuda_dispatch import export_library_kwargs
+        from mlc_quant.cuda_dispatch import export_library as export_cuda_library
 
-        exe.export_library(path, **export_library_kwargs())
+        export_cuda_library(exe, path)
     else:
         exe.export_library(path)
