@@ -620,6 +620,22 @@ def test_gpu_quantize_exact(klib, per_token):
 
 
 @needs_gpu
+def test_gpu_quantize_division_is_exact(klib):
+    """The kernel divides with a reciprocal + one fma correction: it must equal IEEE x / s."""
+    rng = np.random.default_rng(12)
+    M, K = 512, 4096
+    for s in (0.1, 0.0123, 1 / 3, 1.9999999, 7.3e-4, 3.0e-6, 1.0000001, 0.05):
+        x = (rng.standard_normal((M, K)) * rng.choice([0.01, 1, 30, 1000])).astype(np.float16)
+        q = _dev(np.zeros((M, K), np.int8))
+        klib["mlcq_quantize"](_dev(x), _dev(np.array(s, np.float32)), None, None, q, None)
+        np.testing.assert_array_equal(_host(q), _ref_quantize(x, np.float32(s)), err_msg=f"s={s}")
+        # the same through per-token scales, one scale per row
+        st = rng.uniform(1e-4, 1.0, (M, 1)).astype(np.float32)
+        klib["mlcq_quantize"](_dev(x), None, None, _dev(st), q, None)
+        np.testing.assert_array_equal(_host(q), _ref_quantize(x, st, per_token=True))
+
+
+@needs_gpu
 @pytest.mark.parametrize("M", _M_LIST)
 @pytest.mark.parametrize("w_kn", [False, True])
 def test_gpu_float_gemm(klib, M, w_kn):
