@@ -169,3 +169,4 @@ def get_scheme(name: str) -> QuantScheme:
         return SCHEMES[name]
     except KeyError:
         raise ValueError(f"unknown quantization scheme {name!r}; valid schemes: {', '.join(SCHEMES)}") from None
+from mlc_quant import schemes_w4  # noqa: E402,F401  (registers q4f16_*)

@@ -1,0 +1,217 @@
+"""Weight-only int4 schemes: group-wise asymmetric, activations stay float.
+
+``q4f16_rtn`` and ``q4f16_autoround`` store every linear weight ``w [N, K]`` as
+
+* ``<w>.q``     uint8 ``[N, ceil(P / 2)]``: two 4-bit values per byte, column ``2j`` in the low
+  nibble and ``2j + 1`` in the high nibble, with ``P = G * g`` the input dimension padded with
+  zeros to whole groups (``g`` = group size, ``G = ceil(K / g)`` groups);
+* ``<w>.scale`` float32 ``[N, G]``;
+* ``<w>.zp``    uint8 ``[N, G]`` (0..15),
+
+and the float weight is ``w[n, k] = scale[n, k // g] * (q[n, k] - zp[n, k // g])``. The linear
+dequantizes the weight to the activations' float dtype and runs a float matmul (the activation
+is never quantized):
+
+    lo  = q & 15 ; hi = q >> 4 ; qs = interleave(lo, hi)           # [N, P] uint8
+    w   = (astype(qs, f32)[N, G, g] - astype(zp, f32)[N, G, 1]) * scale[N, G, 1]
+    w   = astype(w[N, P][:, :K], F)
+    y   = matmul(x, permute_dims(w))
+
+The two schemes emit the same IR and the same params; they differ in how the integer values
+are chosen: round-to-nearest (``quantize_weight``, what the plain API does for both) or AutoRound
+(``mlc_quant.autoround``, which the build uses when the scheme's ``rounding`` is ``autoround``
+or ``--weight-rounding autoround`` is given). The reference quantizer is
+:func:`quantize_groups_np` (numpy); AutoRound's torch quantizer is tested against it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+from tvm import relax
+
+from mlc_quant.schemes import _EPS, SCHEMES, ActQParams, QuantScheme
+
+W4_WEIGHT_KIND = "int4_group_asym"
+
+
+# --------------------------------------------------------------------------- numpy reference
+def group_layout(k: int, group_size: int) -> Tuple[int, int, int]:
+    """(g, G, P): group size, number of groups, padded length for ``k`` input channels.
+
+    ``group_size <= 0`` means one group per output channel (per-channel)."""
+    g = k if group_size <= 0 else int(group_size)
+    groups = math.ceil(k / g)
+    return g, groups, groups * g
+
+
+def pad_groups(w: np.ndarray, group_size: int) -> np.ndarray:
+    """``w [N, K]`` -> ``[N, G, g]``, zero-padded (zeros never move a group's min/max: both are
+    clamped to include 0)."""
+    n, k = w.shape
+    g, groups, p = group_layout(k, group_size)
+    if p != k:
+        w = np.concatenate([w, np.zeros((n, p - k), dtype=w.dtype)], axis=1)
+    return w.reshape(n, groups, g)
+
+
+def quantize_groups_np(w: np.ndarray, qmin: int, qmax: int, group_size: int, sym: bool = False,
+                       v: Optional[np.ndarray] = None, min_scale: Optional[np.ndarray] = None,
+                       max_scale: Optional[np.ndarray] = None):
+    """Reference (numpy) group-wise quantizer, with AutoRound's learnable parameters.
+
+    ``w [N, K]`` float32. ``v [N, G, g]`` is the rounding offset added before rounding,
+    ``min_scale`` / ``max_scale [N, G]`` shrink the group's min and max (clipping). With
+    ``v = 0`` and scales 1 this is round-to-nearest, identical to the int8 schemes of
+    ``mlc_quant.schemes`` for per-channel groups.
+
+    Asymmetric (``sym=False``):  lo = min(w, 0) * min_scale, hi = max(w, 0) * max_scale,
+    s = max(hi - lo, eps) / (qmax - qmin)  (float64), zp = clip(round(qmin - lo / s), qmin, qmax),
+    q = clip(round(w / s + v) + zp, qmin, qmax).
+    Symmetric (``sym=True``, qmin = -qmax):  s = max(max(|lo|, hi), eps) / qmax  (float32),
+    zp = 0, q = clip(round(w / s + v), -qmax, qmax).
+
+    Returns ``(q [N, P] int32, scale [N, G] float32, zp [N, G] int32)``; dequantized:
+    ``scale * (q - zp)`` per group.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    wg = pad_groups(w, group_size)  # [N, G, g]
+    n, groups, g = wg.shape
+    mn = np.ones((n, groups), np.float32) if min_scale is None else np.asarray(min_scale, np.float32)
+    mx = np.ones((n, groups), np.float32) if max_scale is None else np.asarray(max_scale, np.float32)
+    lo = np.minimum(wg.min(axis=2), 0.0).astype(np.float32) * mn
+    hi = np.maximum(wg.max(axis=2), 0.0).astype(np.float32) * mx
+    if v is not None:
+        v = np.asarray(v, np.float32).reshape(n, groups, g)
+    if sym:
+        amax = np.maximum(np.abs(lo), hi)
+        s32 = (np.maximum(amax, np.float32(_EPS)) / np.float32(qmax)).astype(np.float32)
+        x = wg / s32[:, :, None] if v is None else wg / s32[:, :, None] + v
+        q = np.clip(np.round(x), -qmax, qmax)
+        zp = np.zeros((n, groups), np.int32)
+    else:
+        s64 = np.maximum(hi.astype(np.float64) - lo.astype(np.float64), _EPS) / (qmax - qmin)
+        s32 = s64.astype(np.float32)
+        zp = np.clip(np.round(qmin - lo.astype(np.float64) / s64), qmin, qmax)
+        x = wg / s32[:, :, None] if v is None else wg / s32[:, :, None] + v
+        q = np.clip(np.round(x) + zp[:, :, None], qmin, qmax)
+        zp = zp.astype(np.int32)
+    return q.reshape(n, groups * g).astype(np.int32), s32, zp
+
+
+def dequantize_groups_np(q: np.ndarray, scale: np.ndarray, zp: np.ndarray, k: int) -> np.ndarray:
+    """``scale * (q - zp)`` per group, cut back to ``k`` columns (float32, as the IR computes it)."""
+    n, groups = scale.shape
+    qg = q.reshape(n, groups, -1).astype(np.float32)
+    w = (qg - zp.astype(np.float32)[:, :, None]) * scale[:, :, None]
+    return w.reshape(n, -1)[:, :k]
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """``q [N, P]`` values 0..15 -> uint8 ``[N, ceil(P / 2)]``, even columns in the low nibble."""
+    q = np.asarray(q).astype(np.uint8)
+    if q.size and (q.max() > 15):
+        raise ValueError("pack_int4: values must lie in [0, 15]")
+    if q.shape[1] % 2:
+        q = np.concatenate([q, np.zeros((q.shape[0], 1), np.uint8)], axis=1)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_int4(packed: np.ndarray, p: int) -> np.ndarray:
+    """Inverse of :func:`pack_int4`: uint8 ``[N, p]``."""
+    out = np.empty((packed.shape[0], packed.shape[1] * 2), np.uint8)
+    out[:, 0::2] = packed & 15
+    out[:, 1::2] = packed >> 4
+    return out[:, :p]
+
+
+# --------------------------------------------------------------------------- the scheme
+@dataclass(frozen=True)
+class WeightOnlyScheme(QuantScheme):
+    """Weight-only ``bits``-bit group-wise asymmetric quantization (act stays float)."""
+
+    bits: int = 4
+    group_size: int = 128  # <= 0: per output channel
+    rounding: str = "rtn"  # "rtn" | "autoround": the weight quantizer a build uses by default
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def static_activations(self) -> bool:
+        return False
+
+    @property
+    def stat_kinds(self) -> Tuple[str, ...]:
+        return ("absmax",)  # only smoothing would ask for stats; W4 builds do not smooth
+
+    def act_qparams(self, stats, inv_smooth=None) -> None:
+        return None
+
+    def weight_param_specs(self, name: str, n: int, k: int) -> List[Tuple[str, Tuple[int, ...], str]]:
+        _, groups, p = group_layout(k, self.group_size)
+        return [(f"{name}.q", (n, (p + 1) // 2), "uint8"), (f"{name}.scale", (n, groups), "float32"),
+                (f"{name}.zp", (n, groups), "uint8")]
+
+    def quantize_groups(self, w: np.ndarray, **learned):
+        """(q [N, P], scale [N, G], zp [N, G]) of ``w [N, K]``; ``learned``: AutoRound's
+        ``v`` / ``min_scale`` / ``max_scale`` (round-to-nearest without them)."""
+        return quantize_groups_np(w, 0, self.qmax, self.group_size, sym=False, **learned)
+
+    def pack(self, name: str, q: np.ndarray, scale: np.ndarray, zp: np.ndarray) -> Dict[str, np.ndarray]:
+        """The params of weight ``name`` from integer values, scales and zero points."""
+        return {f"{name}.q": pack_int4(q), f"{name}.scale": np.asarray(scale, np.float32),
+                f"{name}.zp": np.asarray(zp).astype(np.uint8)}
+
+    def quantize_weight(self, name: str, w: np.ndarray, act: Optional[ActQParams]) -> Dict[str, np.ndarray]:
+        """Round-to-nearest (AutoRound replaces this through the pipeline's weight quantizer)."""
+        return self.pack(name, *self.quantize_groups(np.asarray(w, np.float32)))
+
+    def emit_linear(self, bb: relax.BlockBuilder, x: relax.Expr, wparams: Dict[str, relax.Expr],
+                    name: str, act: Optional[ActQParams]) -> relax.Expr:
+        op = relax.op
+        dtype = str(x.ty.dtype)
+        k = int(x.ty.shape[-1])
+        g, groups, p = group_layout(k, self.group_size)
+        packed = wparams[f"{name}.q"]
+        n = int(packed.ty.shape[0])
+        kb = int(packed.ty.shape[1])
+        lo = op.expand_dims(op.bitwise_and(packed, relax.const(15, "uint8")), -1)
+        hi = op.expand_dims(op.right_shift(packed, relax.const(4, "uint8")), -1)
+        qs = op.reshape(op.concat([lo, hi], axis=-1), (n, 2 * kb))
+        if 2 * kb != p:
+            qs = op.strided_slice(qs, axes=[1], begin=[0], end=[p])
+        qf = op.reshape(op.astype(qs, "float32"), (n, groups, g))
+        zp = op.expand_dims(op.astype(wparams[f"{name}.zp"], "float32"), -1)
+        w = op.multiply(op.subtract(qf, zp), op.expand_dims(wparams[f"{name}.scale"], -1))
+        w = op.reshape(w, (n, p))
+        if p != k:
+            w = op.strided_slice(w, axes=[1], begin=[0], end=[k])
+        if dtype != "float32":
+            w = op.astype(w, dtype)
+        w = bb.emit(w, name_hint=f"{name}_dq".replace(".", "_"))
+        return op.matmul(x, op.permute_dims(w))
+
+
+W4_SCHEMES = [
+    WeightOnlyScheme("q4f16_rtn", "none", W4_WEIGHT_KIND,
+                     "W4 weight-only: int4 group-128 asymmetric weights, round-to-nearest; float activations",
+                     bits=4, group_size=128, rounding="rtn"),
+    WeightOnlyScheme("q4f16_autoround", "none", W4_WEIGHT_KIND,
+                     "W4 weight-only: int4 group-128 asymmetric weights rounded by AutoRound (SignSGD); "
+                     "float activations", bits=4, group_size=128, rounding="autoround"),
+    # Per-output-channel twins (one group per row): the honest check on SmolLM2, whose GGUF
+    # weights were 4-bit with group 32 once.
+    WeightOnlyScheme("q4f16_rtn_pc", "none", W4_WEIGHT_KIND,
+                     "W4 weight-only: int4 per-channel asymmetric weights, round-to-nearest; float activations",
+                     bits=4, group_size=-1, rounding="rtn"),
+    WeightOnlyScheme("q4f16_autoround_pc", "none", W4_WEIGHT_KIND,
+                     "W4 weight-only: int4 per-channel asymmetric weights rounded by AutoRound; float activations",
+                     bits=4, group_size=-1, rounding="autoround"),
+]
+
+for _s in W4_SCHEMES:
+    SCHEMES.setdefault(_s.name, _s)
