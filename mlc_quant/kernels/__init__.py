@@ -12,6 +12,12 @@ Exported tvm-ffi functions (DPS: the output is the last argument):
 - ``mlcq_last_kernel() -> str``: which kernel the last ``mlcq_linear`` on this thread ran.
 - ``mlcq_int8_gemm_i32(x, w, out)``: plain cuBLASLt int8 GEMM (int32 out), the baseline.
 - ``mlcq_quantize(x, scale, zero, token_scale, q, row_sum)``: activation quantization alone.
+- ``mlcq_lt_probe_int8(M, N, K, out_kind, alpha_vector, device) -> int``: how many cuBLASLt
+  algorithms exist for an int8 GEMM writing int8/fp16/bf16 (documents what cuBLASLt can fuse).
+
+The C++ entry point for generated code is ``mlcq::RunLinear`` (mlcq_api.h); the BYOC wrappers of
+:mod:`mlc_quant.cuda_dispatch` call it. Kernel choice per shape is documented in
+docs/performance.md.
 """
 from enum import IntEnum
 

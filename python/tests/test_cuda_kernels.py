@@ -220,7 +220,7 @@ def _composites(mod):
     return sorted(out)
 
 
-def _matmuls(mod, skip_offloaded=True):
+def _matmuls(mod):
     from mlc_quant import cuda_dispatch as cd  # pylint: disable=import-outside-toplevel
 
     return cd._leftover_matmuls(mod)  # pylint: disable=protected-access
