@@ -4,7 +4,8 @@
 
 1. ``FuseOpsByPattern(patterns, annotate_codegen=True)`` groups each quantized linear of the
    docs/design.md contract (quantize -> int8 matmul -> dequantize, the asymmetric and per-token
-   variants, each with an optional bias ``add``) into a composite function for the
+   variants, each with an optional bias ``add``; the per-token one with its scale computation
+   ``max(|x|) / 127`` included, so one kernel reads x) into a composite function for the
    ``mlc_cutlass`` codegen, and each float linear ``matmul(x, permute_dims(w))`` /
    ``matmul(x, w)`` (+ bias) into one for ``mlc_cublaslt``. Constants are lifted to arguments
    (``bind_constants=False``) so bound weights stay VM constants and are not copied into code.
@@ -166,6 +167,33 @@ def _spec_per_token(quantize_inside: bool, bias: bool, const=is_const) -> _Spec:
     return _Spec(name, Scheme.PER_TOKEN, y, roles, parts)
 
 
+def _spec_per_token_dynamic(bias: bool, const=is_const) -> _Spec:
+    """design.md's smq_q8i8f16_3 as QuantizeLinear emits it, scale computation included:
+    s = maximum(max(abs(astype(x, f32)), -1, keepdims) / 127, eps); the kernel computes s itself,
+    so x is read by one kernel instead of TVM's reduction + quantize kernels."""
+    roles, parts = {}, {}
+    roles["x"] = x = wildcard()
+    xf = is_op("relax.astype")(x) | x
+    parts["amax"] = amax = is_op("relax.max")(is_op("relax.abs")(xf))
+    parts["c127"] = c127 = const()
+    roles["token_eps"] = eps = const()
+    ratio = is_op("relax.divide")(amax, c127)
+    parts["token_scale"] = st = is_op("relax.maximum")(ratio, eps) | is_op("relax.maximum")(eps, ratio)
+    parts["divide"] = d = is_op("relax.divide")(xf, st)
+    parts["clip"] = c = is_op("relax.clip")(is_op("relax.round")(d), wildcard(), wildcard())
+    parts["quantize"] = xq = is_op("relax.astype")(c)
+    acc = _int8_matmul(xq, roles, parts)
+    parts["acc_f32"] = af = is_op("relax.astype")(acc)
+    roles["scale"] = sw = wildcard()
+    scaled = is_op("relax.multiply")(is_op("relax.multiply")(af, st), sw) | is_op("relax.multiply")(
+        af, is_op("relax.multiply")(st, sw)
+    )
+    parts["out"] = y = is_op("relax.astype")(scaled) | scaled
+    if bias:
+        y = _add_bias(y, roles)
+    return _Spec(f"{INT8_CODEGEN}.w8a8_token_dyn{'_bias' if bias else ''}", Scheme.PER_TOKEN, y, roles, parts)
+
+
 def _spec_float(w_kn: bool, bias: bool, const=is_const) -> _Spec:
     roles, parts = {}, {}
     roles["x"], roles["w"] = x, w = wildcard(), wildcard()
@@ -186,7 +214,7 @@ def _specs(const=is_const) -> List[_Spec]:
     made with ``bind_constants=False`` they are parameters, so the codegen re-matches the
     composite body with ``const=wildcard``.
     """
-    out = []
+    out = [_spec_per_token_dynamic(True, const), _spec_per_token_dynamic(False, const)]
     for bias in (True, False):
         for q in (True, False):
             out += [_spec_asymmetric(q, bias, const), _spec_per_token(q, bias, const), _spec_symmetric(q, bias, const)]
@@ -348,6 +376,16 @@ def _check_per_token(spec: _Spec, exprs, root) -> bool:
     n = _check_int8_common(spec, exprs, root)
     if n is None:
         return False
+    if "token_eps" in exprs:  # dynamic: the scale computation is part of the match
+        amax, eps = exprs["amax"], exprs["token_eps"]
+        axis = amax.attrs.axis
+        ndim = len(_shape(amax.args[0]))
+        if axis is None or len(axis) != 1 or int(axis[0]) not in (-1, ndim - 1) or not bool(amax.attrs.keepdims):
+            return False
+        if not _const_all(exprs["c127"], 127) or _dtype(eps) != "float32" or not _is_scalar(eps):
+            return False
+        if _dtype(exprs["amax"]) != "float32":
+            return False
     st, sw = exprs["token_scale"], exprs["scale"]
     st_shape = _shape(st)
     if _dtype(st) != "float32" or st_shape is None or _static(st_shape[-1]) != 1:

@@ -11,6 +11,7 @@ For each shape M x N x K (default: Llama-2-7B prefill, M=2048 and (N, K) = (4096
   lt_i8+epi      cuBLASLt int8 -> int32 + our separate dequantize kernel (the unfused fallback)
   fused_token    per-token x per-channel scales (auto policy)
   linear_q       fused plus the activation quantization kernel (fp16 x in, as a model runs it)
+  linear_token   per-token dynamic: scale computation + quantization kernel + fused GEMM
   fp16           our fp16 GEMM (cuBLASLt, fp32 accumulation): the q0f16 baseline
   torch_fp16     torch.nn.functional.linear, a sanity check of the fp16 number
 
@@ -104,24 +105,28 @@ def bench_shape(torch, tvm_ffi, lib, M, N, K, variants, rotate=3):
     out_h = torch.empty(M, N, device=dev, dtype=torch.float16)
     out_i = torch.empty(M, N, device=dev, dtype=torch.int32)
     lin, i8 = lib["mlcq_linear"], lib["mlcq_int8_gemm_i32"]
-    none7 = (None,) * 7
+    none8 = (None,) * 8
+    eps = torch.tensor(1e-8, device=dev, dtype=torch.float32)
 
     def mk(name, st):
         if name == "lt_i8":
             return lambda: i8(st["xq"], st["wq"], out_i)
         if name == "fp16":
-            return lambda: lin(FLOAT, AUTO, st["x"], st["w"], False, *none7, None, out_h)
+            return lambda: lin(FLOAT, AUTO, st["x"], st["w"], False, *none8, None, out_h)
         if name == "torch_fp16":
             return lambda: torch.matmul(st["x"], st["w"].t(), out=out_h)
         if name == "fused_token":
-            return lambda: lin(TOKEN, AUTO, st["xq"], st["wq"], False, None, None, s_tok, s_col, None, None, None,
-                               None, out_h)
+            return lambda: lin(TOKEN, AUTO, st["xq"], st["wq"], False, None, None, s_tok, None, s_col, None, None,
+                               None, None, out_h)
+        if name == "linear_token":
+            return lambda: lin(TOKEN, AUTO, st["x"], st["wq"], False, None, None, None, eps, s_col, None, None,
+                               None, None, out_h)
         if name == "linear_q":
-            return lambda: lin(SYM, AUTO, st["x"], st["wq"], False, s_x, None, None, s_col, None, None, None, None,
-                               out_h)
+            return lambda: lin(SYM, AUTO, st["x"], st["wq"], False, s_x, None, None, None, s_col, None, None, None,
+                               None, out_h)
         backend = {"fused": AUTO, "fused_cfg0": CUTLASS0, "fused_cfg1": CUTLASS1, "lt_i8+epi": CUBLASLT}[name]
-        return lambda: lin(SYM, backend, st["xq"], st["wq"], False, None, None, None, s_col, None, None, None, None,
-                           out_h)
+        return lambda: lin(SYM, backend, st["xq"], st["wq"], False, None, None, None, None, s_col, None, None, None,
+                           None, out_h)
 
     res, runners = {}, {}
     for name in variants:
@@ -156,7 +161,7 @@ def main(argv=None):
     print("cuBLASLt heuristic algos for int8 GEMMs with an fp32 scale:", probes, flush=True)
 
     main_variants = ["lt_i8", "fused", "fused_cfg0", "fused_cfg1", "lt_i8+epi", "fused_token",
-                     "linear_q", "fp16", "torch_fp16"]
+                     "linear_q", "linear_token", "fp16", "torch_fp16"]
     results = {"card": card, "cublaslt_probes": probes, "shapes": []}
     print(f"\n{'M':>5} {'N':>6} {'K':>6} | " + " | ".join(f"{v:>11}" for v in main_variants))
     rows = []

@@ -119,6 +119,80 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
+__device__ __forceinline__ float block_max(float v) {
+  __shared__ float partial[kRowThreads / 32];
+  __shared__ float result;
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kRowThreads / 32 ? partial[lane] : 0.f;
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    if (lane == 0) result = v;
+  }
+  __syncthreads();
+  return result;  // in every thread
+}
+
+// Dynamic per-token quantization, design.md's smq_q8i8f16_3 in one kernel (one block per row):
+//   s[m] = max(max_k |x[m, k]| / 127, eps);  q = clamp(rint(x / s[m]), -127, 127)
+// The row is read twice; the second pass mostly hits L2.
+template <class T, bool kVec>
+__global__ void __launch_bounds__(kRowThreads)
+    quantize_rows_dynamic_kernel(const T* __restrict__ x, int64_t K, const float* __restrict__ eps,
+                                 int8_t* __restrict__ q, float* __restrict__ s_out) {
+  const int64_t m = blockIdx.x;
+  const T* xr = x + m * K;
+  float amax = 0.f;
+  if constexpr (kVec) {
+    constexpr int V = 8, U = 4;
+    constexpr int64_t kStep = int64_t(kRowThreads) * V;
+    for (int64_t base = int64_t(threadIdx.x) * V; base < K; base += kStep * U) {
+      T v[U][V];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t k = base + u * kStep;
+        if (k < K) {
+          if constexpr (sizeof(T) == 2) {
+            *reinterpret_cast<uint4*>(v[u]) = *reinterpret_cast<const uint4*>(xr + k);
+          } else {
+            *reinterpret_cast<float4*>(v[u]) = *reinterpret_cast<const float4*>(xr + k);
+            *reinterpret_cast<float4*>(v[u] + 4) = *reinterpret_cast<const float4*>(xr + k + 4);
+          }
+#pragma unroll
+          for (int i = 0; i < V; ++i) amax = fmaxf(amax, fabsf(to_f32(v[u][i])));
+        }
+      }
+    }
+  } else {
+    for (int64_t k = threadIdx.x; k < K; k += kRowThreads) amax = fmaxf(amax, fabsf(to_f32(xr[k])));
+  }
+  amax = block_max(amax);
+  const float s = fmaxf(amax / 127.f, eps[0]);
+  if (threadIdx.x == 0) s_out[m] = s;
+  const float r = 1.f / s;
+  int8_t* qr = q + m * K;
+  if constexpr (kVec) {
+    constexpr int V = 8;
+    for (int64_t k = int64_t(threadIdx.x) * V; k < K; k += int64_t(kRowThreads) * V) {
+      T v[V];
+      if constexpr (sizeof(T) == 2) {
+        *reinterpret_cast<uint4*>(v) = *reinterpret_cast<const uint4*>(xr + k);
+      } else {
+        *reinterpret_cast<float4*>(v) = *reinterpret_cast<const float4*>(xr + k);
+        *reinterpret_cast<float4*>(v + 4) = *reinterpret_cast<const float4*>(xr + k + 4);
+      }
+      int8_t o[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) o[i] = quantize_one(to_f32(v[i]), s, r, 0.f, -127.f);
+      *reinterpret_cast<uint2*>(qr + k) = *reinterpret_cast<const uint2*>(o);
+    }
+  } else {
+    for (int64_t k = threadIdx.x; k < K; k += kRowThreads) qr[k] = quantize_one(to_f32(xr[k]), s, r, 0.f, -127.f);
+  }
+}
+
 __global__ void __launch_bounds__(kRowThreads)
     rowsum_kernel(const int8_t* __restrict__ q, int64_t K, int32_t* __restrict__ rowsum) {
   const int8_t* qr = q + int64_t(blockIdx.x) * K;
@@ -247,6 +321,19 @@ void LaunchQuantize(const void* x, int x_dtype, int64_t M, int64_t K, const floa
   ThrowError("ValueError", "quantize: unsupported activation dtype");
 }
 
+template <class T>
+void LaunchDynamicT(const T* x, int64_t M, int64_t K, const float* eps, int8_t* q, float* s_out,
+                    cudaStream_t stream) {
+  const bool vec = K % 8 == 0 && Aligned16(x) && (reinterpret_cast<uintptr_t>(q) & 7) == 0;
+  dim3 grid(static_cast<unsigned>(M));
+  if (vec) {
+    quantize_rows_dynamic_kernel<T, true><<<grid, kRowThreads, 0, stream>>>(x, K, eps, q, s_out);
+  } else {
+    quantize_rows_dynamic_kernel<T, false><<<grid, kRowThreads, 0, stream>>>(x, K, eps, q, s_out);
+  }
+  MLCQ_CUDA_CHECK(cudaGetLastError());
+}
+
 }  // namespace
 
 void LaunchQuantizePerTensor(const void* x, int x_dtype, int64_t M, int64_t K, const float* s,
@@ -257,6 +344,21 @@ void LaunchQuantizePerTensor(const void* x, int x_dtype, int64_t M, int64_t K, c
 void LaunchQuantizePerToken(const void* x, int x_dtype, int64_t M, int64_t K, const float* s_row,
                             int8_t* q, int32_t* rowsum, cudaStream_t stream) {
   LaunchQuantize(x, x_dtype, M, K, s_row, nullptr, q, rowsum, true, stream);
+}
+
+void LaunchQuantizePerTokenDynamic(const void* x, int x_dtype, int64_t M, int64_t K,
+                                   const float* eps, int8_t* q, float* s_out, cudaStream_t stream) {
+  if (M == 0) return;
+  if (M > 0x7fffffff) ThrowError("ValueError", "quantize: too many rows");
+  switch (x_dtype) {
+    case kF16:
+      return LaunchDynamicT(static_cast<const __half*>(x), M, K, eps, q, s_out, stream);
+    case kBF16:
+      return LaunchDynamicT(static_cast<const __nv_bfloat16*>(x), M, K, eps, q, s_out, stream);
+    case kF32:
+      return LaunchDynamicT(static_cast<const float*>(x), M, K, eps, q, s_out, stream);
+  }
+  ThrowError("ValueError", "quantize: unsupported activation dtype");
 }
 
 void LaunchRowSum(const int8_t* q, int64_t M, int64_t K, int32_t* rowsum, cudaStream_t stream) {

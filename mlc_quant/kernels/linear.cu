@@ -283,7 +283,8 @@ void RunLinear(const LinearArgs& a) {
   Checker ck(a);
   if (a.x == nullptr || a.w == nullptr || a.out == nullptr) ck.Fail("x, w and out are required");
   for (auto [t, name] : {std::pair{a.x, "x"}, {a.w, "w"}, {a.out, "out"}, {a.x_scale, "x_scale"},
-                         {a.x_zero, "x_zero"}, {a.token_scale, "token_scale"}, {a.scale, "scale"},
+                         {a.x_zero, "x_zero"}, {a.token_scale, "token_scale"},
+                         {a.token_eps, "token_eps"}, {a.scale, "scale"},
                          {a.w_zero, "w_zero"}, {a.corr, "corr"}, {a.row_sum, "row_sum"},
                          {a.bias, "bias"}})
     ck.Device(t, name);
@@ -345,12 +346,21 @@ void RunLinear(const LinearArgs& a) {
   p.bias = Data(a.bias), p.bias_dtype = out_kind, p.device_id = device;
   Workspace* ws = Workspace::ForDevice(device);
 
+  float* dynamic_scale = nullptr;  // per-token scales computed here (token_eps given)
   if (per_token) {
-    ck.Required(a.token_scale, "token_scale");
-    ck.DType(a.token_scale, "token_scale", kDLFloat, 32);
-    if (Numel(a.token_scale) != M) ck.Fail("token_scale must have one value per row of x");
+    if (a.token_scale != nullptr) {
+      ck.DType(a.token_scale, "token_scale", kDLFloat, 32);
+      if (Numel(a.token_scale) != M) ck.Fail("token_scale must have one value per row of x");
+      p.scale_row = static_cast<const float*>(Data(a.token_scale));
+    } else {
+      if (a.token_eps == nullptr || x_is_int8)
+        ck.Fail("per-token scheme needs token_scale, or float x and token_eps");
+      ck.DType(a.token_eps, "token_eps", kDLFloat, 32);
+      if (Numel(a.token_eps) != 1) ck.Fail("token_eps must be a scalar");
+      dynamic_scale = static_cast<float*>(ws->get(static_cast<size_t>(M) * 4, Workspace::kTokenScale));
+      p.scale_row = dynamic_scale;
+    }
     if (Numel(a.scale) != N) ck.Fail("per-token scheme needs a weight scale of N elements");
-    p.scale_row = static_cast<const float*>(Data(a.token_scale));
     p.scale_col = static_cast<const float*>(Data(a.scale));
     p.scale_col_is_vector = true;
   } else {
@@ -384,7 +394,11 @@ void RunLinear(const LinearArgs& a) {
     if (rowsum != nullptr) LaunchRowSum(static_cast<const int8_t*>(p.x), M, K, rowsum, stream);
   } else {
     int8_t* q = static_cast<int8_t*>(ws->get(static_cast<size_t>(M) * K, Workspace::kQuantX));
-    if (per_token) {
+    if (dynamic_scale != nullptr) {
+      LaunchQuantizePerTokenDynamic(Data(a.x), x_kind, M, K,
+                                    static_cast<const float*>(Data(a.token_eps)), q,
+                                    dynamic_scale, stream);
+    } else if (per_token) {
       LaunchQuantizePerToken(Data(a.x), x_kind, M, K, p.scale_row, q, rowsum, stream);
     } else {
       ck.Required(a.x_scale, "x_scale");
@@ -416,19 +430,21 @@ using tvm::ffi::TensorView;
 using OptT = Optional<TensorView>;
 
 void Linear(int64_t scheme, int64_t backend, TensorView x, TensorView w, bool w_kn, OptT x_scale,
-            OptT x_zero, OptT token_scale, OptT scale, OptT w_zero, OptT corr, OptT row_sum,
-            OptT bias, TensorView out) {
+            OptT x_zero, OptT token_scale, OptT token_eps, OptT scale, OptT w_zero, OptT corr,
+            OptT row_sum, OptT bias, TensorView out) {
   using mlcq::DLView;
   if (scheme < 0 || scheme > 3) TVM_FFI_THROW(ValueError) << "mlcq_linear: bad scheme " << scheme;
   if (backend < 0 || backend > 5) TVM_FFI_THROW(ValueError) << "mlcq_linear: bad backend " << backend;
   DLView vx(x, "x"), vw(w, "w"), vxs(x_scale, "x_scale"), vxz(x_zero, "x_zero"),
-      vts(token_scale, "token_scale"), vs(scale, "scale"), vwz(w_zero, "w_zero"),
+      vts(token_scale, "token_scale"), vte(token_eps, "token_eps"), vs(scale, "scale"),
+      vwz(w_zero, "w_zero"),
       vc(corr, "corr"), vrs(row_sum, "row_sum"), vb(bias, "bias"), vo(out, "out");
   mlcq::LinearArgs a;
   a.scheme = static_cast<mlcq::Scheme>(scheme);
   a.backend = static_cast<mlcq::Backend>(backend);
   a.x = vx.get(), a.w = vw.get(), a.w_kn = w_kn, a.x_scale = vxs.get(), a.x_zero = vxz.get();
-  a.token_scale = vts.get(), a.scale = vs.get(), a.w_zero = vwz.get(), a.corr = vc.get();
+  a.token_scale = vts.get(), a.token_eps = vte.get(), a.scale = vs.get(), a.w_zero = vwz.get();
+  a.corr = vc.get();
   a.row_sum = vrs.get(), a.bias = vb.get(), a.out = vo.get();
   mlcq::RunLinear(a);
 }
@@ -479,6 +495,23 @@ void Quantize(TensorView x, OptT scale, OptT zero, OptT token_scale, TensorView 
   }
 }
 
+// Dynamic per-token quantization alone (tests): q and the computed scales s_out [M].
+void QuantizeDynamic(TensorView x, TensorView eps, TensorView q, TensorView s_out) {
+  const int64_t K = x.size(-1), M = x.numel() / K;
+  const int kind = x.dtype().code == kDLFloat && x.dtype().bits == 16   ? mlcq::kF16
+                   : x.dtype().code == kDLBfloat && x.dtype().bits == 16 ? mlcq::kBF16
+                   : x.dtype().code == kDLFloat && x.dtype().bits == 32  ? mlcq::kF32
+                                                                          : -1;
+  if (kind < 0 || q.numel() != M * K || s_out.numel() != M)
+    TVM_FFI_THROW(ValueError) << "mlcq_quantize_dynamic: expected float x, int8 q like x, s_out [M]";
+  cudaStream_t stream =
+      static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, x.device().device_id));
+  mlcq::LaunchQuantizePerTokenDynamic(x.data_ptr(), kind, M, K,
+                                      static_cast<const float*>(eps.data_ptr()),
+                                      static_cast<int8_t*>(q.data_ptr()),
+                                      static_cast<float*>(s_out.data_ptr()), stream);
+}
+
 int64_t LtProbe(int64_t M, int64_t N, int64_t K, int64_t out_kind, bool alpha_vector, int64_t device) {
   return mlcq::LtProbeInt8(M, N, K, static_cast<int>(out_kind), alpha_vector, static_cast<int>(device));
 }
@@ -490,3 +523,4 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_lt_probe_int8, LtProbe);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_last_kernel, LastKernel);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_int8_gemm_i32, Int8GemmI32);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_quantize, Quantize);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_quantize_dynamic, QuantizeDynamic);

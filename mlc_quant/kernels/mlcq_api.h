@@ -45,8 +45,10 @@ struct LinearArgs {
   // optional int8 scalar zero point (null: 0).
   const DLTensor* x_scale = nullptr;
   const DLTensor* x_zero = nullptr;
-  // kPerToken: the token scale [..., 1] float32 (quantizes x when x is float, scales rows).
+  // kPerToken: the token scale [..., 1] float32 (quantizes x when x is float, scales rows), or,
+  // for float x, token_eps instead: the scale is computed here as max(max|x| / 127, eps).
   const DLTensor* token_scale = nullptr;
+  const DLTensor* token_eps = nullptr;
   // Dequantize scale: float32 scalar or [N] (kSymmetric/kAsymmetric), s_w [N] (kPerToken).
   const DLTensor* scale = nullptr;
   // kAsymmetric: int32 [N] weight zero points and precomputed int32 [N] correction c.

@@ -41,7 +41,7 @@ enum DType : int { kF16 = 0, kBF16 = 1, kF32 = 2 };
 // several at once. Not safe to grow inside CUDA graph capture: warm up before capturing.
 class Workspace {
  public:
-  enum Slot { kQuantX = 0, kRowVec = 1, kAcc32 = 2, kCutlass = 3, kLt = 4, kNumSlots = 5 };
+  enum Slot { kQuantX = 0, kRowVec = 1, kAcc32 = 2, kCutlass = 3, kLt = 4, kTokenScale = 5, kNumSlots = 6 };
   void* get(size_t bytes, Slot slot);
   static Workspace* ForDevice(int device_id);
 
@@ -72,6 +72,9 @@ void LaunchQuantizePerTensor(const void* x, int x_dtype, int64_t M, int64_t K, c
                              const int8_t* z, int8_t* q, int32_t* rowsum, cudaStream_t stream);
 void LaunchQuantizePerToken(const void* x, int x_dtype, int64_t M, int64_t K, const float* s_row,
                             int8_t* q, int32_t* rowsum, cudaStream_t stream);
+// Dynamic per-token: s_out[m] = max(max_k |x[m, k]| / 127, eps[0]), then q as per-token above.
+void LaunchQuantizePerTokenDynamic(const void* x, int x_dtype, int64_t M, int64_t K,
+                                   const float* eps, int8_t* q, float* s_out, cudaStream_t stream);
 void LaunchRowSum(const int8_t* q, int64_t M, int64_t K, int32_t* rowsum, cudaStream_t stream);
 // Epilogue over an int32 accumulator (the unfused fallback after cuBLASLt's int8 GEMM).
 void LaunchDequantEpilogue(const int32_t* acc, const GemmProblem& p, cudaStream_t stream);

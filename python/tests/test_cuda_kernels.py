@@ -61,7 +61,9 @@ needs_build = pytest.mark.skipif(
 
 def linear_module(scheme: str, N: int, K: int, F: str = "float16", bias: bool = False,
                   quantize_inside: bool = True, M=None, lead=()):
-    """One linear: scheme in float | sym0 (per-tensor scale) | sym1 (per-channel) | asym | token.
+    """One linear: scheme in float | sym0 (per-tensor scale) | sym1 (per-channel) | asym | token
+    (per-token scale given as an input) | token_dyn (per-token scale computed in the graph, as
+    QuantizeLinear emits smq_q8i8f16_3).
 
     Parameters of `main`: x, then the weights/scales in the order of `param_names(...)`.
     M None -> a symbolic row count.
@@ -101,8 +103,10 @@ def linear_module(scheme: str, N: int, K: int, F: str = "float16", bias: bool = 
         if scheme == "asym":
             zw = param("zw", [N], "int32")
             c = param("c", [N], "int32")
-    else:
+    elif scheme == "token":
         stok = param("stok", [*xshape[:-1], 1], "float32")
+        sw = param("sw", [N], "float32")
+    else:
         sw = param("sw", [N], "float32")
     b = param("b", [N], F) if bias else None
     R = relax.op
@@ -117,7 +121,13 @@ def linear_module(scheme: str, N: int, K: int, F: str = "float16", bias: bool = 
                     acc = bb.emit(R.subtract(R.subtract(acc, R.multiply(rs, zw)), c))
                 y = bb.emit(R.dequantize(acc, s, relax.const(0, "int32"), axis=-1, out_dtype=F))
             else:
-                if quantize_inside:
+                if scheme == "token_dyn":
+                    xf = bb.emit(R.astype(x, "float32")) if F != "float32" else x
+                    amax = bb.emit(R.max(R.abs(xf), axis=[-1], keepdims=True))
+                    stok = bb.emit(R.maximum(R.divide(amax, relax.const(127.0, "float32")),
+                                             relax.const(1e-8, "float32")))
+                    xq = bb.emit(R.astype(R.clip(R.round(R.divide(xf, stok)), -127, 127), "int8"))
+                elif quantize_inside:
                     xf = R.astype(x, "float32") if F != "float32" else x
                     xq = bb.emit(R.astype(R.clip(R.round(R.divide(xf, stok)), -127, 127), "int8"))
                 else:
@@ -199,15 +209,15 @@ def test_kernels_compile_link_and_load(tmp_path):
     w = np.zeros((8, 32), "float16")
     out = np.zeros((4, 8), "float16")
     with pytest.raises(ValueError, match="not on a CUDA device"):
-        mod["mlcq_linear"](FLOAT, AUTO, x, w, False, None, None, None, None, None, None, None, None, out)
+        mod["mlcq_linear"](FLOAT, AUTO, x, w, False, None, None, None, None, None, None, None, None, None, out)
     with pytest.raises(ValueError, match="bad scheme"):
-        mod["mlcq_linear"](9, AUTO, x, w, False, None, None, None, None, None, None, None, None, out)
+        mod["mlcq_linear"](9, AUTO, x, w, False, None, None, None, None, None, None, None, None, None, out)
 
 
 # =============================================================================================
 # CPU: pattern partitioning and codegen
 
-_SCHEMES = ["sym0", "sym1", "asym", "token"]
+_SCHEMES = ["sym0", "sym1", "asym", "token", "token_dyn"]
 
 
 def _composites(mod):
@@ -235,10 +245,15 @@ def test_patterns_partition_every_linear(scheme, quantize_inside, bias):
 
     from mlc_quant import cuda_dispatch as cd  # pylint: disable=import-outside-toplevel
 
+    if scheme == "token_dyn" and not quantize_inside:
+        pytest.skip("the dynamic per-token scale is computed from the float x")
     mod = linear_module(scheme, 72, 176, bias=bias, quantize_inside=quantize_inside, lead=(2,))
     fused = relax.transform.FuseOpsByPattern(cd.fusion_patterns(), bind_constants=False, annotate_codegen=True)(mod)
-    kind = {"sym0": "sym", "sym1": "sym", "asym": "asym", "token": "token"}[scheme]
-    expect = f"mlc_cutlass.w8a8_{kind}{'_q' if quantize_inside else ''}{'_bias' if bias else ''}"
+    if scheme == "token_dyn":
+        expect = f"mlc_cutlass.w8a8_token_dyn{'_bias' if bias else ''}"
+    else:
+        kind = {"sym0": "sym", "sym1": "sym", "asym": "asym", "token": "token"}[scheme]
+        expect = f"mlc_cutlass.w8a8_{kind}{'_q' if quantize_inside else ''}{'_bias' if bias else ''}"
     assert _composites(fused) == [expect]
     assert _matmuls(fused) == []
     # Nothing of the linear is left in main: one call to the codegen function.
@@ -341,6 +356,38 @@ def test_dispatch_codegen_build_and_export(tmp_path):
     for c in callees:
         assert f"__tvm_ffi_{c}" in nm
     assert "__tvm_ffi_mlcq_linear" in nm  # the kernels are linked in
+
+
+@pytest.mark.skipif(not _full_tvm(), reason="needs the full TVM (relax)")
+@pytest.mark.parametrize("scheme,kind", [("smq_q8i8f16_0", "w8a8_sym_q"), ("smq_q8i8f16_1", "w8a8_sym_q"),
+                                         ("smq_q8i8f16_2", "w8a8_asym_q"), ("smq_q8i8f16_3", "w8a8_token_dyn")])
+def test_quantize_linear_output_is_fully_offloaded(scheme, kind):
+    """What mlc_quant.quantize emits (the real QuantizeLinear) matches the patterns as a whole."""
+    import tvm  # pylint: disable=import-outside-toplevel
+    from tvm import relax  # pylint: disable=import-outside-toplevel
+
+    import mlc_quant  # pylint: disable=import-outside-toplevel
+    from mlc_quant import cuda_dispatch as cd  # pylint: disable=import-outside-toplevel
+
+    K, N = 96, 40
+    rng = np.random.default_rng(0)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((tvm.tirx.Var("m", "int64"), K), "float16"))
+    w = relax.Var("w", relax.TensorType((N, K), "float16"))
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            y = bb.emit_output(relax.op.matmul(x, relax.op.permute_dims(w)))
+        bb.emit_func_output(y)
+    calib = [((rng.standard_normal((6, K)) * 2).astype(np.float16),) for _ in range(3)]
+    wv = rng.standard_normal((N, K)).astype(np.float16)
+    for bind in (True, False):
+        qmod = mlc_quant.quantize(bb.get(), {"w": wv}, calib, scheme=scheme, smooth=False, bind=bind)
+        qmod = qmod if bind else qmod[0]
+        fused = relax.transform.FuseOpsByPattern(cd.fusion_patterns(), bind_constants=False, annotate_codegen=True)(
+            relax.transform.ConvertToDataflow()(qmod)
+        )
+        assert _composites(fused) == [f"mlc_cutlass.{kind}"], (scheme, bind)
+        assert _matmuls(fused) == []
 
 
 @needs_build
@@ -491,9 +538,21 @@ def _run_w8a8(klib, scheme, M, N, K, *, x_float, bias, seed, backend=AUTO, F="fl
     wq = rng.integers(-127, 128, (N, K)).astype(np.int8)
     b = rng.standard_normal(N).astype(np.float32) if bias else None
     x_scale = np.float32(0.05)
-    kw = dict(x_scale=None, x_zero=None, token_scale=None, scale=None, w_zero=None, corr=None)
+    kw = dict(x_scale=None, x_zero=None, token_scale=None, token_eps=None, scale=None, w_zero=None, corr=None)
     zx = 0
-    if scheme == "token":
+    if scheme == "token_dyn" and not x_float:
+        scheme = "token"  # int8 x: the scale comes from the graph
+    if scheme == "token_dyn":
+        eps = np.float32(1e-8)
+        amax = np.abs(x.astype(np.float32)).max(-1, keepdims=True)
+        st = np.maximum(amax / np.float32(127), eps).astype(np.float32)
+        xq = _ref_quantize(x, st, per_token=True)
+        sw = (rng.uniform(0.5, 1.5, N) / (127 * np.sqrt(K))).astype(np.float32)
+        acc = _ref_int_gemm(xq.reshape(-1, K), wq)
+        ref = acc * st.reshape(-1, 1).astype(np.float64) * sw
+        kw.update(token_eps=np.array(eps, np.float32), scale=sw)
+        sch = TOKEN
+    elif scheme == "token":
         st = rng.uniform(0.01, 0.05, (*lead, M, 1)).astype(np.float32)
         xq = _ref_quantize(x, st, per_token=True)
         sw = (rng.uniform(0.5, 1.5, N) / (127 * np.sqrt(K))).astype(np.float32)
@@ -530,7 +589,8 @@ def _run_w8a8(klib, scheme, M, N, K, *, x_float, bias, seed, backend=AUTO, F="fl
         bias_t = _dev(b).to(getattr(torch, F))
     out = _out((*lead, M, N), F)
     klib["mlcq_linear"](sch, backend, _dev(x_in), _dev(wq), False, dev["x_scale"], dev["x_zero"],
-                        dev["token_scale"], dev["scale"], dev["w_zero"], dev["corr"], None, bias_t, out)
+                        dev["token_scale"], dev["token_eps"], dev["scale"], dev["w_zero"], dev["corr"], None,
+                        bias_t, out)
     return _host(out).reshape(-1, N), ref
 
 
@@ -620,6 +680,22 @@ def test_gpu_quantize_exact(klib, per_token):
 
 
 @needs_gpu
+@pytest.mark.parametrize("K", [4096, 1000, 37])
+def test_gpu_quantize_dynamic_exact(klib, K):
+    rng = np.random.default_rng(K)
+    M = 300
+    x = (rng.standard_normal((M, K)) * rng.uniform(0.01, 50, (M, 1))).astype(np.float16)
+    x[0] = 0  # all-zero row: the scale is eps
+    eps = np.float32(1e-8)
+    q = _dev(np.zeros((M, K), np.int8))
+    s_out = _dev(np.zeros((M,), np.float32))
+    klib["mlcq_quantize_dynamic"](_dev(x), _dev(np.array(eps)), q, s_out)
+    st = np.maximum(np.abs(x.astype(np.float32)).max(-1, keepdims=True) / np.float32(127), eps)
+    np.testing.assert_array_equal(_host(s_out), st[:, 0])
+    np.testing.assert_array_equal(_host(q), _ref_quantize(x, st, per_token=True))
+
+
+@needs_gpu
 def test_gpu_quantize_division_is_exact(klib):
     """The kernel divides with a reciprocal + one fma correction: it must equal IEEE x / s."""
     rng = np.random.default_rng(12)
@@ -652,7 +728,7 @@ def test_gpu_float_gemm(klib, M, w_kn):
         wr = _dev(w).to(dt).float().cpu().numpy().astype(np.float64)
         ref = xr @ wr.T + bd.float().cpu().numpy()
         out = _out((M, N), F)
-        klib["mlcq_linear"](FLOAT, AUTO, xd, wd, w_kn, None, None, None, None, None, None, None, bd, out)
+        klib["mlcq_linear"](FLOAT, AUTO, xd, wd, w_kn, None, None, None, None, None, None, None, None, bd, out)
         _assert_close(_host(out), ref, f"float {F} M={M} N={N} K={K} kn={w_kn}",
                       rel={"float16": 3e-3, "bfloat16": 2e-2, "float32": 1e-5}[F])
 
@@ -705,7 +781,7 @@ def make_gpu_bundle(out_dir: str) -> None:
     cases = []
     specs = [
         (f"{s}_{'q' if q else 'i8'}{'_bias' if b else ''}", lambda s=s, q=q, b=b: linear_module(s, 328, 176, bias=b, quantize_inside=q))
-        for s in _SCHEMES for q in (True, False) for b in (False, True)
+        for s in _SCHEMES for q in (True, False) for b in (False, True) if q or s != "token_dyn"
     ] + [
         ("float_bias", lambda: linear_module("float", 328, 176, bias=True)),
         ("float", lambda: linear_module("float", 200, 100)),
