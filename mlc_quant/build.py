@@ -70,7 +70,7 @@ def _calibrator(opts: BuildOptions, config, params: Dict[str, np.ndarray], token
             observer.update_from_outputs(names[fn], values)
 
         t0 = time.time()
-        exe = tvm.compile(stats_mod, "llvm")
+        exe = pipeline.build(stats_mod, "llvm")
         log.info("compiled the calibration module in %.0f s", time.time() - t0)
         engine = Engine(exe, params, max_seq_len=opts.calib_seq_len, stats_callback=on_stats,
                         vocab_size=config.vocab_size)

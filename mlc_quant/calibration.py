@@ -70,7 +70,9 @@ def run_calibration(stats_mod: tvm.IRModule, params: Mapping[str, np.ndarray], d
     params live once in memory; only one call's outputs and the running vectors are held.
     """
     observer = observer or ChannelStatsObserver()
-    exe = tvm.compile(stats_mod, target)
+    from mlc_quant.pipeline import build  # the scheduled CPU build
+
+    exe = build(stats_mod, target)
     vm = relax.VirtualMachine(exe, tvm.cpu())
     dev_params = {k: tvm.runtime.tensor(np.ascontiguousarray(v)) for k, v in params.items()}
     plan = {}
