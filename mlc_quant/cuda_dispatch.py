@@ -36,7 +36,6 @@ import hashlib
 import logging
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
