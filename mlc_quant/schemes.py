@@ -37,11 +37,23 @@ class QuantScheme:
     act: str
     weight: str
     description: str
+    # Symmetric integer ranges +-(2^(bits-1) - 1): weights (per_tensor_sym / per_channel_sym) and
+    # per-token activations; 4-bit values live in int8 containers (exact int8 GEMM, int32 accumulate).
+    w_bits: int = 8
+    a_bits: int = 8
 
     # ---- properties -------------------------------------------------------------------------
     @property
     def quantizes(self) -> bool:
         return self.weight != "none"
+
+    @property
+    def w_qmax(self) -> int:
+        return 2 ** (self.w_bits - 1) - 1
+
+    @property
+    def a_qmax(self) -> int:
+        return 2 ** (self.a_bits - 1) - 1
 
     @property
     def static_activations(self) -> bool:
@@ -90,13 +102,14 @@ class QuantScheme:
         """
         w = np.asarray(w, dtype=np.float32)
         sx = act.scale if act is not None else 1.0
+        qmax = self.w_qmax
         if self.weight == "per_tensor_sym":
-            sw = max(float(np.max(np.abs(w))), _EPS) / INT8_MAX
-            wq = np.clip(np.round(w / np.float32(sw)), -INT8_MAX, INT8_MAX).astype(np.int8)
+            sw = max(float(np.max(np.abs(w))), _EPS) / qmax
+            wq = np.clip(np.round(w / np.float32(sw)), -qmax, qmax).astype(np.int8)
             return {f"{name}.q": wq, f"{name}.scale": np.array(sw * sx, dtype=np.float32)}
         if self.weight == "per_channel_sym":
-            sw = np.maximum(np.max(np.abs(w), axis=1), _EPS) / INT8_MAX
-            wq = np.clip(np.round(w / sw[:, None].astype(np.float32)), -INT8_MAX, INT8_MAX).astype(np.int8)
+            sw = np.maximum(np.max(np.abs(w), axis=1), _EPS) / qmax
+            wq = np.clip(np.round(w / sw[:, None].astype(np.float32)), -qmax, qmax).astype(np.int8)
             return {f"{name}.q": wq, f"{name}.scale": (sw * sx).astype(np.float32)}
         assert self.weight == "per_channel_asym", self.weight
         lo = np.minimum(w.min(axis=1), 0.0).astype(np.float64)
@@ -128,9 +141,9 @@ class QuantScheme:
         if self.act == "per_token_sym":
             xf = x if dtype == "float32" else bb.emit(op.astype(x, "float32"))
             amax = bb.emit(op.max(op.abs(xf), axis=[-1], keepdims=True))
-            s = bb.emit(op.maximum(op.divide(amax, relax.const(float(INT8_MAX), "float32")),
+            s = bb.emit(op.maximum(op.divide(amax, relax.const(float(self.a_qmax), "float32")),
                                    relax.const(_EPS, "float32")))
-            xq = bb.emit(op.astype(op.clip(op.round(op.divide(xf, s)), -INT8_MAX, INT8_MAX), "int8"))
+            xq = bb.emit(op.astype(op.clip(op.round(op.divide(xf, s)), -self.a_qmax, self.a_qmax), "int8"))
             acc = bb.emit(op.matmul(xq, wq_t, out_dtype="int32"))
             y = op.multiply(op.multiply(op.astype(acc, "float32"), s), wparams[f"{name}.scale"])
             return y if dtype == "float32" else op.astype(bb.emit(y), dtype)
@@ -159,6 +172,14 @@ SCHEMES: Dict[str, QuantScheme] = {
                     "W8A8: int8 per-tensor asymmetric static activations, int8 per-channel asymmetric weights"),
         QuantScheme("smq_q8i8f16_3", "per_token_sym", "per_channel_sym",
                     "W8A8: int8 per-token dynamic symmetric activations, int8 per-channel symmetric weights"),
+        # W4A8 / W4A4 (for rotated models, docs/rotation.md): int4 values in int8 containers, so the
+        # int8 GEMM is exact; on CPU this is fake-quant in effect (no int4 arithmetic or packing).
+        QuantScheme("q4i8f16_pt", "per_token_sym", "per_channel_sym",
+                    "W4A8: int8 per-token dynamic symmetric activations, int4 per-channel symmetric RTN weights",
+                    w_bits=4),
+        QuantScheme("q4i4f16_pt", "per_token_sym", "per_channel_sym",
+                    "W4A4: int4 per-token dynamic symmetric activations, int4 per-channel symmetric RTN weights",
+                    w_bits=4, a_bits=4),
     ]
 }
 
