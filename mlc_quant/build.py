@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import tvm
 
-from mlc_quant import artifact, pipeline
+from mlc_quant import artifact, pipeline, rotation
 from mlc_quant.calibration import stat_names
 from mlc_quant.datasets import calibration_samples
 from mlc_quant.observers import ChannelStatsObserver
@@ -40,6 +40,8 @@ class BuildOptions:
     target: str = "llvm"
     overwrite: bool = False
     seed: int = 0
+    rotation: str = "none"  # SpinQuant rotations: none, r1r2, r1r2r4, all (mlc_quant/rotation.py)
+    rotation_kind: str = "hadamard"  # fused R1/R2 matrices: hadamard or random-orthogonal
 
 
 def parse_target(spec: str) -> tvm.target.Target:
@@ -104,6 +106,8 @@ def build_model(opts: BuildOptions) -> str:
         raise ValueError("--output DIR is required")
     path = resolve_model(opts.model)
     config = load_config(path)
+    rot = rotation.Rotation(opts.rotation, opts.rotation_kind, opts.seed)
+    rotation.check_supported(config, rot)  # a size without a matrix fails before any heavy work
     if opts.max_seq_len > config.max_position_embeddings:
         raise ValueError(f"--max-seq-len={opts.max_seq_len} exceeds the model's maximum "
                          f"{config.max_position_embeddings} (max_position_embeddings)")
@@ -116,6 +120,7 @@ def build_model(opts: BuildOptions) -> str:
         log.info("loading %s (%s)", opts.model, path)
         mod, names = export_model(config, "float32", "llvm")
         params = load_params_dict(path, config, "float32")
+        mod, params, rot_summary = rotation.rotate_model(mod, params, config, rot)
         result = pipeline.quantize_module(mod, params, scheme, _calibrator(opts, config, params, tokenizer),
                                           alpha=opts.alpha, smooth=opts.smooth)
         calib_s = time.time() - t_start
@@ -126,7 +131,7 @@ def build_model(opts: BuildOptions) -> str:
             # Re-export in fp16 with the GPU KV cache and replay the same IR decisions.
             deploy_dtype = "float16"
             mod16, _ = export_model(config, "float16", target)
-            qmod = result.plan.apply(mod16)
+            qmod = result.plan.apply(rotation.rotation_ir(mod16, config, rot, target))
             qparams = {k: v.astype(np.float16) if v.dtype == np.float32 and not k.endswith(".scale") else v
                        for k, v in qparams.items()}
         t0 = time.time()
@@ -140,6 +145,7 @@ def build_model(opts: BuildOptions) -> str:
         save_tokenizer(tokenizer, tmp)
         summary = dict(result.summary)
         summary.pop("activation_scales", None)  # kept in the IR constants; too long for the config
+        summary["rotation"] = rot_summary
         cfg = {
             "mlc_quant_version": __import__("mlc_quant").__version__,
             "model": opts.model,

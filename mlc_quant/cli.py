@@ -27,6 +27,11 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", "-o", default=None, help="output directory (default: out/<model>-<scheme>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rotation", default="none", choices=["none", "r1r2", "r1r2r4", "all"],
+                   help="SpinQuant rotations before quantization: R1+R2 fused into weights, R4 online on the "
+                        "down_proj input, all = + R3 on q/k after RoPE (docs/rotation.md; default none)")
+    p.add_argument("--rotation-kind", default="hadamard", choices=["hadamard", "random-orthogonal"],
+                   help="matrices of the fused R1/R2 (online R3/R4 are always Hadamard; default hadamard)")
 
 
 def cmd_build(args) -> int:
@@ -39,7 +44,8 @@ def cmd_build(args) -> int:
                         smooth=args.smooth, max_seq_len=args.max_seq_len, dataset=args.dataset,
                         calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                         calib_decode_steps=args.calib_decode_steps, target=args.target,
-                        overwrite=args.overwrite, seed=args.seed)
+                        overwrite=args.overwrite, seed=args.seed, rotation=args.rotation,
+                        rotation_kind=args.rotation_kind)
     build_model(opts)
     print(f"wrote {output}")
     return 0
