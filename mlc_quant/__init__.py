@@ -5,7 +5,19 @@
 """
 __version__ = "0.1.0"
 
-from mlc_quant.api import calibrate, quantize  # noqa: E402
-from mlc_quant.schemes import SCHEMES, QuantScheme, get_scheme  # noqa: E402
-
 __all__ = ["calibrate", "quantize", "SCHEMES", "QuantScheme", "get_scheme"]
+
+# Imported on first use: the runtime side (mlc_quant.runtime, .runner, .cuda_runtime, .artifact)
+# must import on a GPU machine that has only TVM's runtime, where tvm.relax does not exist.
+_LAZY = {"calibrate": "mlc_quant.api", "quantize": "mlc_quant.api", "SCHEMES": "mlc_quant.schemes",
+         "QuantScheme": "mlc_quant.schemes", "get_scheme": "mlc_quant.schemes"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib  # pylint: disable=import-outside-toplevel
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mlc_quant' has no attribute {name!r}")

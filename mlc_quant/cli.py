@@ -1,4 +1,4 @@
-"""``mlc-quant`` command line: build, generate, ppl."""
+"""``mlc-quant`` command line: build, generate, ppl, bench."""
 from __future__ import annotations
 
 import argparse
@@ -6,14 +6,25 @@ import logging
 import sys
 import time
 
-from mlc_quant.schemes import SCHEMES
+
+
+def _scheme_names():
+    """Scheme names for --quantization; None where only TVM's runtime is installed (a GPU machine
+    runs generate/ppl/bench there and cannot build, so mlc_quant.schemes and tvm.relax are absent)."""
+    try:
+        from mlc_quant.schemes import SCHEMES  # pylint: disable=import-outside-toplevel
+
+        return list(SCHEMES)
+    except Exception:  # pylint: disable=broad-except
+        return None
 
 
 def add_build_args(p: argparse.ArgumentParser) -> None:
+    schemes = _scheme_names()
     p.add_argument("--model", default="smollm2",
                    help="bundled name (smollm2), a .gguf file, or a Hugging Face folder (config.json + safetensors)")
-    p.add_argument("--quantization", default="smq_q8i8f16_2", choices=list(SCHEMES), metavar="SCHEME",
-                   help=f"one of: {', '.join(SCHEMES)} (default: smq_q8i8f16_2)")
+    p.add_argument("--quantization", default="smq_q8i8f16_2", choices=schemes, metavar="SCHEME",
+                   help=f"one of: {', '.join(schemes or ['(needs the full TVM)'])} (default: smq_q8i8f16_2)")
     p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength in [0, 1] (default 0.5)")
     p.add_argument("--no-smooth", dest="smooth", action="store_false", help="naive W8A8 (no smoothing)")
     p.add_argument("--max-seq-len", type=int, default=2048, help="longest sequence the built model serves")
@@ -113,6 +124,11 @@ def main(argv=None) -> int:
     q.add_argument("--max-windows", type=int, default=0, help="evaluate only the first N windows (0 = all)")
     q.add_argument("--device", default="cpu", help="cpu or cuda")
     q.set_defaults(func=cmd_ppl)
+    bn = sub.add_parser("bench", help="end-to-end GPU speed: build here, run on the GPU (docs/performance.md)")
+    from mlc_quant import bench as _bench  # numpy only at import: fine on a runtime-only machine
+
+    _bench.add_args(bn)
+    bn.set_defaults(func=_bench.main)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:

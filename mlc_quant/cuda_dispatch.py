@@ -607,9 +607,198 @@ def dispatch_gemms(mod: tvm.IRModule, *, strict: bool = False, attach_kernels: b
     return mod
 
 
-def export_library(executable, path: str, extra_options: Sequence[str] = ()) -> str:
-    """``executable.export_library(path)`` with the link options the kernels need."""
-    executable.export_library(path, options=[*_kernels.link_options(), *extra_options])
+# --------------------------------------------------------------------------------------------
+# device code: compile TVM's CUDA source to a fatbin at build time
+#
+# TVM 0.27 built without a CUDA driver (this CPU machine) keeps every generated CUDA kernel as
+# *source* in the exported library (module kind "cuda", format "cuda"); the runtime compiles it
+# when the library is loaded, through the global ``tvm_callback_cuda_compile``, which runtime-only
+# TVM lacks. ``export_library`` therefore compiles that source with nvcc here and rewrites the
+# module's serialized entry to format "fatbin" (the runtime hands any format other than "cuda" to
+# ``cuModuleLoadData``), so the GPU machine needs no compiler. Layouts (tvm-ffi / TVM 0.27):
+#   library blob: u64 nbytes | vec<u64> import_tree_row_ptr | vec<u64> child_indices |
+#                 per module group: str kind [| bytes payload unless kind == "_lib"]
+#   "cuda" payload: str fmt | map<str, FunctionInfo> fmap | bytes code
+# (str / bytes / vec = u64 length + data). The fmap is copied through untouched.
+
+
+def _u64(buf: bytes, pos: int) -> int:
+    return int.from_bytes(buf[pos:pos + 8], "little")
+
+
+def _p64(n: int) -> bytes:
+    return int(n).to_bytes(8, "little")
+
+
+def _read_str(buf: bytes, pos: int):
+    n = _u64(buf, pos)
+    if pos + 8 + n > len(buf):
+        raise ValueError("truncated string")
+    return buf[pos + 8:pos + 8 + n], pos + 8 + n
+
+
+def _read_vec_u64(buf: bytes, pos: int):
+    n = _u64(buf, pos)
+    return [_u64(buf, pos + 8 + 8 * i) for i in range(n)], pos + 8 + 8 * n
+
+
+def parse_library_blob(blob: bytes):
+    """(row_ptr, child_indices, [(kind, payload or None)]) of a packed imports blob."""
+    if _u64(blob, 0) != len(blob) - 8:
+        raise ValueError("not a tvm-ffi library blob (length header mismatch)")
+    pos = 8
+    row_ptr, pos = _read_vec_u64(blob, pos)
+    child, pos = _read_vec_u64(blob, pos)
+    entries = []
+    for _ in range(max(len(row_ptr) - 1, 0)):
+        kind, pos = _read_str(blob, pos)
+        payload = None
+        if kind != b"_lib":
+            payload, pos = _read_str(blob, pos)
+        entries.append((kind.decode(), payload))
+    if pos != len(blob):
+        raise ValueError(f"library blob has {len(blob) - pos} unparsed bytes")
+    return row_ptr, child, entries
+
+
+def write_library_blob(row_ptr, child, entries) -> bytes:
+    body = [_p64(len(row_ptr)), *map(_p64, row_ptr), _p64(len(child)), *map(_p64, child)]
+    for kind, payload in entries:
+        k = kind.encode()
+        body += [_p64(len(k)), k]
+        if payload is not None:
+            body += [_p64(len(payload)), payload]
+    data = b"".join(body)
+    return _p64(len(data)) + data
+
+
+def split_cuda_payload(payload: bytes):
+    """(fmt, fmap bytes, code) of a serialized "cuda" module."""
+    fmt, pos = _read_str(payload, 0)
+    # code is the last field: the one u64 length that reaches exactly the end of the payload
+    for start in range(len(payload) - 8, pos - 1, -1):
+        if _u64(payload, start) == len(payload) - start - 8:
+            return fmt.decode(), payload[pos:start], payload[start + 8:]
+    raise ValueError("cannot find the code field of a cuda module payload")
+
+
+def join_cuda_payload(fmt: str, fmap: bytes, code: bytes) -> bytes:
+    f = fmt.encode()
+    return _p64(len(f)) + f + fmap + _p64(len(code)) + code
+
+
+def cuda_archs(target=None) -> List[str]:
+    """sm_XX of the build: the target's arch (default sm_90)."""
+    arch = None
+    if target is not None:
+        target = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+        arch = getattr(target, "arch", None) or (target.attrs.get("arch") if hasattr(target, "attrs") else None)
+    arch = str(arch or "sm_90")
+    return [arch]
+
+
+def compile_fatbin(source: str, archs: Sequence[str] = ("sm_90",)) -> bytes:
+    """nvcc --fatbin of TVM-generated CUDA source (TVM's own flags), SASS for each arch plus PTX
+    of the last (JIT-able on newer GPUs). Cached by content under the kernel cache."""
+    from tvm.support import nvcc as tvm_nvcc  # pylint: disable=import-outside-toplevel
+
+    nvcc = _kernels.find_nvcc()
+    if nvcc is None:
+        raise DispatchError("nvcc not found: it compiles the CUDA kernels of the model at build time")
+    gencode = []
+    for a in archs:
+        num = a[3:] if a.startswith("sm_") else a
+        gencode += ["-gencode", f"arch=compute_{num},code=sm_{num}"]
+    gencode += ["-gencode", f"arch=compute_{num},code=compute_{num}"]
+    digest = hashlib.sha256(
+        (source + " ".join(gencode) + _kernels.build._nvcc_version(nvcc)).encode()
+    ).hexdigest()[:24]
+    cached = _kernels.build.cache_dir() / "fatbin" / f"tvm-{digest}.fatbin"
+    if cached.is_file():
+        return cached.read_bytes()
+    import os  # pylint: disable=import-outside-toplevel
+
+    env_path = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.path.dirname(nvcc) + os.pathsep + env_path  # TVM calls plain "nvcc"
+    try:
+        with tvm.target.Target({"kind": "cuda", "arch": archs[-1]}):
+            data = bytes(tvm_nvcc.compile_cuda(source, target_format="fatbin", arch=gencode, compiler="nvcc"))
+    finally:
+        os.environ["PATH"] = env_path
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, cached)
+    return data
+
+
+def compile_device_code(blob: bytes, archs: Sequence[str] = ("sm_90",)) -> bytes:
+    """The library blob with every "cuda" module's source replaced by a compiled fatbin."""
+    row_ptr, child, entries = parse_library_blob(blob)
+    out = []
+    for kind, payload in entries:
+        if kind == "cuda" and payload is not None:
+            fmt, fmap, code = split_cuda_payload(payload)
+            if fmt == "cuda":
+                fatbin = compile_fatbin(code.decode(), archs)
+                payload = join_cuda_payload("fatbin", fmap, fatbin)
+                logger.info("mlc_quant: compiled the model's CUDA kernels (%d KB source) to a %d KB fatbin for %s",
+                            len(code) // 1024, len(fatbin) // 1024, ",".join(archs))
+        out.append((kind, payload))
+    return write_library_blob(row_ptr, child, out)
+
+
+def _pack_imports_compiled(archs: Sequence[str]):
+    """An ``fpack_imports`` for ``export_library``: TVM's packed imports with the CUDA source
+    compiled, embedded through the assembler (.incbin: no giant C array to compile)."""
+    import os  # pylint: disable=import-outside-toplevel
+
+    from tvm.runtime import _ffi_api  # pylint: disable=import-outside-toplevel
+
+    def fpack(module, is_system_lib, prefix, workspace_dir):
+        if is_system_lib:
+            raise DispatchError("system-lib export is not supported for CUDA builds")
+        blob = _ffi_api.ModulePackImportsToTensor(module).numpy().tobytes()
+        blob = compile_device_code(blob, archs)
+        bin_path = os.path.join(workspace_dir, f"{prefix}devc.bin")
+        with open(bin_path, "wb") as f:
+            f.write(blob)
+        sym = f"{prefix}__tvm_ffi__library_bin"
+        src = os.path.join(workspace_dir, f"{prefix}devc.c")
+        with open(src, "w", encoding="utf-8") as f:
+            f.write(
+                "__asm__(\n"
+                '  ".section .rodata.mlc_quant_devc,\\"a\\"\\n"\n'
+                f'  ".globl {sym}\\n"\n'
+                f'  ".type {sym}, @object\\n"\n'
+                '  ".balign 16\\n"\n'
+                f'  "{sym}:\\n"\n'
+                f'  ".incbin \\"{bin_path}\\"\\n"\n'
+                f'  ".size {sym}, . - {sym}\\n"\n'
+                '  ".previous\\n");\n'
+            )
+        return src
+
+    return fpack
+
+
+def export_library(executable, path: str, extra_options: Sequence[str] = (), target=None,
+                   compile_cuda: Optional[bool] = None) -> str:
+    """``executable.export_library(path)`` with the link options the kernels need.
+
+    ``compile_cuda`` (default: on, unless ``MLC_QUANT_CUDA_SOURCE=1``) compiles TVM's CUDA kernels
+    to a fatbin for ``target``'s arch here, so the library loads on a GPU machine with the TVM
+    runtime alone; off, the library keeps CUDA source and the loader must compile it
+    (:func:`mlc_quant.cuda_runtime.prepare_cuda_runtime` registers a compiler for that).
+    """
+    import os  # pylint: disable=import-outside-toplevel
+
+    if compile_cuda is None:
+        compile_cuda = os.environ.get("MLC_QUANT_CUDA_SOURCE", "") not in ("1", "true", "yes")
+    kwargs = {}
+    if compile_cuda:
+        kwargs["fpack_imports"] = _pack_imports_compiled(cuda_archs(target))
+    executable.export_library(path, options=[*_kernels.link_options(), *extra_options], **kwargs)
     return path
 
 
@@ -618,6 +807,7 @@ __all__ = [
     "FLOAT_CODEGEN",
     "INT8_CODEGEN",
     "dispatch_gemms",
+    "compile_device_code",
     "export_library",
     "fusion_patterns",
     "kernel_modules",

@@ -186,6 +186,6 @@ def export_library(exe, path: str, target) -> None:
     if target.kind.name == "cuda":
         from mlc_quant.cuda_dispatch import export_library as export_cuda_library
 
-        export_cuda_library(exe, path)
+        export_cuda_library(exe, path, target=target)  # TVM's kernels compiled to a fatbin here
     else:
         exe.export_library(path)

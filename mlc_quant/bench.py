@@ -1,0 +1,592 @@
+"""End-to-end GPU speed: ``mlc-quant bench build`` here, ``mlc-quant bench run`` on the GPU.
+
+Build (CPU machine, full TVM + nvcc): for a model *config* (no weights) and each scheme, export
+the fp16 CUDA model, apply the scheme's IR with a **synthetic quantization plan** (activation
+scales from seeded random statistics, no smoothing: a speed benchmark measures the IR and the
+kernels, not accuracy), dispatch every GEMM to the external kernels, compile, and write
+``<out>/<config>/<scheme>/model.so`` + ``bench.json`` (config, scheme, weight names/shapes/dtypes).
+
+Run (GPU machine, TVM runtime only): for each built library, make seeded random weights directly
+on the GPU (torch when present, else numpy; 7B weights never travel), then measure in one process
+on one card: prefill tokens/s at 128/512/2048 input tokens, decode tokens/s at batch 1, weight
+bytes and peak device memory; a per-op breakdown through the VM's instrument hook; and the same
+config in Hugging Face transformers (torch fp16, eager and torch.compile) as the reference.
+
+Timing: device work is asynchronous, so every timed region ends with a device synchronize; each
+number is the median of ``repeat`` runs after ``warmup`` runs; prefill starts from an empty KV
+cache each run; decode is ``decode_tokens`` steps after a 128-token prefill, feeding a fixed token
+that already lives on the device (no host round trip per step), synchronized once at the end.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import pathlib
+import statistics
+import time
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+log = logging.getLogger("mlc_quant")
+
+LLAMA2_7B = {
+    "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "num_key_value_heads": 32, "vocab_size": 32000, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+    "max_position_embeddings": 4096, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+}
+SMQ_SCHEMES = ("smq_q8i8f16_0", "smq_q8i8f16_1", "smq_q8i8f16_2", "smq_q8i8f16_3")
+DEFAULT_SCHEMES = ("q0f16",) + SMQ_SCHEMES
+PREFILL_LENGTHS = (128, 512, 2048)
+MANIFEST = "bench.json"
+
+
+# ============================================================================ build (CPU machine)
+
+
+def bench_config(name: str):
+    """``llama2-7b``, ``smollm2`` (the bundled model's config), a config.json path or a model."""
+    from mlc_quant.model.config import LlamaConfig  # pylint: disable=import-outside-toplevel
+
+    if name in ("llama2-7b", "llama-2-7b"):
+        return LlamaConfig(**LLAMA2_7B)
+    from mlc_quant.model.loader import load_config  # pylint: disable=import-outside-toplevel
+
+    if name.endswith(".json"):
+        with open(name, encoding="utf-8") as f:
+            raw = json.load(f)
+        fields = LlamaConfig.__dataclass_fields__
+        return LlamaConfig(**{k: v for k, v in raw.items() if k in fields})
+    return load_config(name)
+
+
+def synthetic_plan(mod, weight_names: Sequence[str], scheme, seed: int = 0):
+    """An IRPlan with activation scales from seeded random per-channel statistics (static schemes)
+    and no smoothing. For speed benchmarks only: the IR and the kernels are what is measured."""
+    from mlc_quant.passes import AnnotateLinear, module_linears  # pylint: disable=import-outside-toplevel
+    from mlc_quant.pipeline import IRPlan  # pylint: disable=import-outside-toplevel
+
+    plan = IRPlan(scheme, list(weight_names))
+    if scheme.static_activations:
+        rng = np.random.default_rng(seed)
+        sites = {s.name: s for ss in module_linears(AnnotateLinear(weight_names=list(weight_names))(mod)).values()
+                 for s in ss}
+        for name in sorted(sites):
+            k = 64  # per-channel stats are reduced to a per-tensor scale: the width does not matter
+            absmax = np.abs(rng.standard_normal(k)).astype(np.float32) * 2 + 0.5
+            stats = {"absmax": absmax, "min": -absmax * rng.uniform(0.5, 1.0), "max": absmax}
+            plan.act_qparams[name] = scheme.act_qparams(stats)
+    return plan
+
+
+def build_one(config, scheme_name: str, out_dir, target: str = "cuda", seed: int = 0,
+              strict: bool = True) -> Dict:
+    """Build one benchmark library into ``out_dir``; returns its manifest."""
+    import tvm  # pylint: disable=import-outside-toplevel
+
+    from mlc_quant import pipeline  # pylint: disable=import-outside-toplevel
+    from mlc_quant.build import parse_target  # pylint: disable=import-outside-toplevel
+    from mlc_quant.cuda_dispatch import dispatch_gemms  # pylint: disable=import-outside-toplevel
+    from mlc_quant.model.llama import export_model  # pylint: disable=import-outside-toplevel
+    from mlc_quant.schemes import get_scheme  # pylint: disable=import-outside-toplevel
+
+    t0 = time.time()
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tgt = parse_target(target)
+    if tgt.kind.name != "cuda":
+        raise ValueError("bench builds are for CUDA targets")
+    scheme = get_scheme(scheme_name)
+    mod, names = export_model(config, "float16", tgt)
+    qmod = synthetic_plan(mod, names, scheme, seed).apply(mod) if scheme.quantizes else mod
+    params = [(p.name, [int(d) for d in p.ty.shape.values], str(p.ty.dtype)) for p in qmod["prefill"].params[2:]]
+    dmod = dispatch_gemms(qmod, strict=strict)
+    t1 = time.time()
+    ex = tvm.compile(dmod, tgt)
+    compile_s = time.time() - t1
+    pipeline.export_library(ex, str(out / "model.so"), tgt)
+    manifest = {
+        "model_config": config.to_dict(), "scheme": scheme_name, "dtype": "float16", "target": target,
+        "params": params, "synthetic_plan": bool(scheme.static_activations), "seed": seed,
+        "build": {"compile_s": round(compile_s, 1), "total_s": round(time.time() - t0, 1)},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    log.info("bench build %s/%s: %.0f s (compile %.0f s)", out.parent.name, scheme_name, time.time() - t0, compile_s)
+    return manifest
+
+
+def build_all(configs: Sequence[str], schemes: Sequence[str], out_root, target: str = "cuda",
+              seed: int = 0) -> List[str]:
+    done = []
+    for cname in configs:
+        config = bench_config(cname)
+        for s in schemes:
+            d = pathlib.Path(out_root) / _slug(cname) / s
+            build_one(config, s, d, target, seed)
+            done.append(str(d))
+    return done
+
+
+def _slug(name: str) -> str:
+    base = os.path.basename(str(name).rstrip("/"))
+    return base.split(".")[0] or "model"
+
+
+# ============================================================================ run (GPU machine)
+
+
+class _Cuda:
+    """cudaMemGetInfo / device facts through ctypes (works with TVM's runtime alone)."""
+
+    def __init__(self):
+        import ctypes  # pylint: disable=import-outside-toplevel
+
+        self.lib = None
+        for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
+            try:
+                self.lib = ctypes.CDLL(name)
+                break
+            except OSError:
+                continue
+        self.ctypes = ctypes
+
+    def mem_info(self):
+        if self.lib is None:
+            return None, None
+        free, total = self.ctypes.c_size_t(), self.ctypes.c_size_t()
+        if self.lib.cudaMemGetInfo(self.ctypes.byref(free), self.ctypes.byref(total)) != 0:
+            return None, None
+        return free.value, total.value
+
+
+def _torch():
+    try:
+        import torch  # pylint: disable=import-outside-toplevel
+
+        return torch if torch.cuda.is_available() else None
+    except Exception:  # pylint: disable=broad-except
+        return None
+
+
+def random_weight(name: str, shape, dtype: str, seed: int, device, torch=None):
+    """Seeded random weights of a plausible scale, made on the device (torch) or on the host."""
+    import tvm  # pylint: disable=import-outside-toplevel
+
+    shape = tuple(int(s) for s in shape)
+    sub = (abs(hash(name)) % (1 << 31)) ^ seed
+    if torch is not None:
+        g = torch.Generator(device="cuda")
+        g.manual_seed(int(sub))
+        if dtype == "int8":
+            t = torch.randint(-127, 128, shape, dtype=torch.int8, device="cuda", generator=g)
+        elif dtype == "int32":
+            t = torch.randint(-8, 9, shape, dtype=torch.int32, device="cuda", generator=g)
+        elif dtype == "float32":  # dequantize scales
+            t = torch.rand(shape, dtype=torch.float32, device="cuda", generator=g) * 4e-5 + 2e-5
+        else:
+            t = torch.randn(shape, dtype=getattr(torch, dtype), device="cuda", generator=g) * 0.02
+            if "norm" in name:
+                t = t + 1.0
+        return tvm.runtime.from_dlpack(t), t
+    rng = np.random.default_rng(sub)
+    if dtype == "int8":
+        a = rng.integers(-127, 128, shape, dtype=np.int8)
+    elif dtype == "int32":
+        a = rng.integers(-8, 9, shape).astype(np.int32)
+    elif dtype == "float32":
+        a = (rng.random(shape, dtype=np.float32) * 4e-5 + 2e-5).astype(np.float32)
+    else:
+        a = (rng.standard_normal(shape, dtype=np.float32) * 0.02 + (1.0 if "norm" in name else 0.0)).astype(dtype)
+    return tvm.runtime.tensor(a, device), None
+
+
+def _median_time(fn, sync, warmup: int, repeat: int) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class OpProfile:
+    """Per-op device time through the VM instrument hook (synchronize around every call)."""
+
+    def __init__(self, dev):
+        self.dev = dev
+        self.total: Dict[str, float] = {}
+        self.count: Dict[str, int] = {}
+        self._t0 = 0.0
+
+    def __call__(self, func, name, before, ret, *args):  # pylint: disable=unused-argument
+        self.dev.sync()
+        if before:
+            self._t0 = time.perf_counter()
+        else:
+            dt = time.perf_counter() - self._t0
+            key = _op_kind(str(name))
+            self.total[key] = self.total.get(key, 0.0) + dt
+            self.count[key] = self.count.get(key, 0) + 1
+        return 0  # VMInstrumentReturnKind.kNoOp
+
+    def table(self, top: int = 15) -> List[Dict]:
+        s = sum(self.total.values()) or 1.0
+        rows = sorted(self.total.items(), key=lambda kv: -kv[1])[:top]
+        return [{"op": k, "ms": round(v * 1e3, 3), "calls": self.count[k], "share": round(v / s, 3)} for k, v in rows]
+
+
+def _op_kind(name: str) -> str:
+    """Group per-layer instances of one op: strip numeric suffixes (fused_..._add3 -> fused_..._add)."""
+    import re  # pylint: disable=import-outside-toplevel
+
+    base = re.sub(r"\d+(_mlc_cutlass|_mlc_cublaslt)$", r"\1", name)
+    return re.sub(r"\d+$", "", base)
+
+
+def run_ours(lib_dir, lengths=PREFILL_LENGTHS, decode_tokens: int = 64, warmup: int = 2, repeat: int = 5,
+             seed: int = 0, profile: bool = True) -> Dict:
+    """Measure one built library (weights made on the device)."""
+    import tvm  # pylint: disable=import-outside-toplevel
+    import tvm_ffi  # pylint: disable=import-outside-toplevel
+
+    from mlc_quant.cuda_runtime import prepare_cuda_runtime  # pylint: disable=import-outside-toplevel
+    from mlc_quant.runtime import Engine  # pylint: disable=import-outside-toplevel
+
+    prepare_cuda_runtime()
+    lib_dir = pathlib.Path(lib_dir)
+    man = json.loads((lib_dir / MANIFEST).read_text())
+    dev = tvm.cuda(0)
+    cuda = _Cuda()
+    torch = _torch()
+    tvm.get_global_func("vm.builtin.memory_manager.clear")()
+    free0, total = cuda.mem_info()
+    t0 = time.time()
+    weights, keep = {}, []
+    for name, shape, dtype in man["params"]:
+        w, owner = random_weight(name, shape, dtype, seed, dev, torch)
+        weights[name] = w
+        keep.append(owner)
+    weight_bytes = int(sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize for _, s, d in man["params"]))
+    make_s = time.time() - t0
+    max_len = max(lengths)
+    engine = Engine(str(lib_dir / "model.so"), weights, dev, max_seq_len=max_len + 128 + decode_tokens + 16,
+                    prefill_chunk_size=max_len, vocab_size=man["model_config"]["vocab_size"])
+    res = {"config": man["model_config"], "scheme": man["scheme"], "synthetic_plan": man["synthetic_plan"],
+           "weight_bytes": weight_bytes, "weights_made_s": round(make_s, 1), "prefill": {}, "decode": {}}
+    rng = np.random.default_rng(seed)
+    vocab = man["model_config"]["vocab_size"]
+
+    def step(fn_name, ids_dev, n):
+        engine._begin(engine.kv_cache, tvm_ffi.Shape([0]), tvm_ffi.Shape([n]))  # pylint: disable=protected-access
+        out = engine._funcs[fn_name](ids_dev, engine.kv_cache, *engine._args[fn_name])  # pylint: disable=protected-access
+        engine._end(engine.kv_cache)  # pylint: disable=protected-access
+        return out
+
+    finite = True
+    for n in lengths:
+        ids = tvm.runtime.tensor(rng.integers(0, vocab, (1, n)).astype(np.int32), dev)
+
+        def prefill(ids=ids, n=n):
+            engine.reset()
+            return step("prefill", ids, n)
+
+        t = _median_time(prefill, dev.sync, warmup, repeat)
+        res["prefill"][str(n)] = {"ms": round(t * 1e3, 3), "tokens_per_s": round(n / t, 1)}
+        if n == lengths[0]:
+            logits = prefill()[0].numpy()
+            finite = bool(np.isfinite(logits).all())
+    tok = tvm.runtime.tensor(np.array([[7]], np.int32), dev)
+    prompt = tvm.runtime.tensor(rng.integers(0, vocab, (1, 128)).astype(np.int32), dev)
+
+    def decode_run():
+        engine.reset()
+        step("prefill", prompt, 128)
+        dev.sync()
+        t_start = time.perf_counter()
+        for _ in range(decode_tokens):
+            step("decode", tok, 1)
+        dev.sync()
+        return time.perf_counter() - t_start
+
+    for _ in range(warmup):
+        decode_run()
+    times = [decode_run() for _ in range(max(repeat // 2, 2))]
+    t = statistics.median(times)
+    res["decode"] = {"batch": 1, "steps": decode_tokens, "ms_per_token": round(t / decode_tokens * 1e3, 3),
+                     "tokens_per_s": round(decode_tokens / t, 1)}
+    free1, _ = cuda.mem_info()
+    if free0 is not None and free1 is not None:
+        # TVM pools device memory and does not return it, so what is in use now is its peak.
+        res["peak_device_bytes"] = int(free0 - free1)
+    res["logits_finite"] = finite
+    if profile:
+        res["profile"] = {}
+        prof = OpProfile(dev)
+        vm = engine.vm
+        n = 2048 if 2048 in lengths else max_len
+        ids = tvm.runtime.tensor(rng.integers(0, vocab, (1, n)).astype(np.int32), dev)
+        vm.set_instrument(prof)
+        engine.reset()
+        step("prefill", ids, n)
+        dev.sync()
+        res["profile"][f"prefill_{n}"] = prof.table()
+        vm.set_instrument(lambda *args: 0)  # prefill of the prompt: not profiled
+        engine.reset()
+        step("prefill", prompt, 128)
+        prof2 = OpProfile(dev)
+        vm.set_instrument(prof2)
+        for _ in range(8):
+            step("decode", tok, 1)
+        dev.sync()
+        res["profile"]["decode_8_steps"] = prof2.table()
+    del engine, weights, keep
+    gc.collect()
+    if torch is not None:
+        torch.cuda.empty_cache()
+    tvm.get_global_func("vm.builtin.memory_manager.clear")()
+    return res
+
+
+def run_transformers(config: Dict, lengths=PREFILL_LENGTHS, decode_tokens: int = 64, warmup: int = 2,
+                     repeat: int = 5, compile_mode: Optional[str] = None, seed: int = 0) -> Dict:
+    """The same config in Hugging Face transformers, fp16, random weights, on cuda:0."""
+    import torch  # pylint: disable=import-outside-toplevel
+    import transformers  # pylint: disable=import-outside-toplevel
+
+    cfg = transformers.LlamaConfig(
+        hidden_size=config["hidden_size"], intermediate_size=config["intermediate_size"],
+        num_hidden_layers=config["num_hidden_layers"], num_attention_heads=config["num_attention_heads"],
+        num_key_value_heads=config["num_key_value_heads"], vocab_size=config["vocab_size"],
+        rms_norm_eps=config["rms_norm_eps"], rope_theta=config["rope_theta"],
+        max_position_embeddings=max(config["max_position_embeddings"], 4096),
+        tie_word_embeddings=config["tie_word_embeddings"], attn_implementation="eager",
+    )
+    torch.manual_seed(seed)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    dtype0 = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        with torch.device("cuda"):
+            model = transformers.LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(dtype0)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    label = "eager" if compile_mode is None else f"compile-{compile_mode}"
+    fwd = model if compile_mode is None else torch.compile(model, mode=compile_mode, dynamic=False)
+    res = {"impl": f"transformers {transformers.__version__} fp16 {label}", "torch": torch.__version__,
+           "weight_bytes": int(weight_bytes), "prefill": {}, "decode": {}}
+    sync = torch.cuda.synchronize
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.inference_mode():
+        for n in lengths:
+            ids = torch.randint(0, cfg.vocab_size, (1, n), generator=g).cuda()
+            t_c = time.time()
+            t = _median_time(lambda ids=ids: fwd(input_ids=ids, use_cache=True), sync, warmup, repeat)
+            res["prefill"][str(n)] = {"ms": round(t * 1e3, 3), "tokens_per_s": round(n / t, 1),
+                                      "first_calls_s": round(time.time() - t_c, 1)}
+        if compile_mode is None:
+            prompt = torch.randint(0, cfg.vocab_size, (1, 128), generator=g).cuda()
+            tok = torch.tensor([[7]], device="cuda")
+
+            def decode_run():
+                out = model(input_ids=prompt, use_cache=True)
+                cache = out.past_key_values
+                sync()
+                t_start = time.perf_counter()
+                for _ in range(decode_tokens):
+                    out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+                    cache = out.past_key_values
+                sync()
+                return time.perf_counter() - t_start
+
+            for _ in range(warmup):
+                decode_run()
+            t = statistics.median([decode_run() for _ in range(max(repeat // 2, 2))])
+            res["decode"] = {"batch": 1, "steps": decode_tokens, "ms_per_token": round(t / decode_tokens * 1e3, 3),
+                             "tokens_per_s": round(decode_tokens / t, 1)}
+    res["peak_device_bytes"] = int(torch.cuda.max_memory_allocated())
+    del model, fwd
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def run_all(build_root, out_json: Optional[str] = None, *, configs: Optional[Sequence[str]] = None,
+            schemes: Optional[Sequence[str]] = None, lengths=PREFILL_LENGTHS, decode_tokens: int = 64,
+            hf: bool = True, hf_compile: bool = True, profile: bool = True, budget_s: float = 1e9,
+            seed: int = 0) -> Dict:
+    """Every built library under ``build_root`` (``<config>/<scheme>/``), then transformers."""
+    root = pathlib.Path(build_root)
+    t_start = time.time()
+    out: Dict = {"device": _device_facts(), "runs": [], "reference": [], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def save():
+        if out_json:
+            pathlib.Path(out_json).write_text(json.dumps(out, indent=1))
+
+    cfg_dirs = sorted(d for d in root.iterdir() if d.is_dir() and (configs is None or d.name in configs))
+    for cdir in cfg_dirs:
+        done_cfg = None
+        for sdir in sorted(d for d in cdir.iterdir() if (d / MANIFEST).is_file()):
+            if schemes is not None and sdir.name not in schemes:
+                continue
+            t0 = time.time()
+            try:
+                r = run_ours(sdir, lengths, decode_tokens, seed=seed, profile=profile)
+            except Exception as err:  # pylint: disable=broad-except
+                r = {"scheme": sdir.name, "error": repr(err)[:2000]}
+            r["model"] = cdir.name
+            r["wall_s"] = round(time.time() - t0, 1)
+            out["runs"].append(r)
+            done_cfg = r.get("config", done_cfg)
+            _log_run(r)
+            save()
+        if hf and done_cfg is not None and _torch() is not None:
+            modes = [None] + (["default"] if hf_compile else [])
+            for mode in modes:
+                if time.time() - t_start > budget_s:
+                    out["reference"].append({"model": cdir.name, "impl": f"compile-{mode}", "skipped": "time budget"})
+                    continue
+                t0 = time.time()
+                try:
+                    r = run_transformers(done_cfg, lengths, decode_tokens, compile_mode=mode, seed=seed)
+                except Exception as err:  # pylint: disable=broad-except
+                    r = {"impl": f"transformers {mode or 'eager'}", "error": repr(err)[:2000]}
+                r["model"] = cdir.name
+                r["wall_s"] = round(time.time() - t0, 1)
+                out["reference"].append(r)
+                _log_run(r)
+                save()
+    out["ratios"] = ratios(out)
+    save()
+    return out
+
+
+def _log_run(r: Dict) -> None:
+    name = r.get("scheme") or r.get("impl")
+    if "error" in r:
+        print(f"[bench] {r.get('model')} {name}: ERROR {r['error'][:300]}", flush=True)
+        return
+    pre = " ".join(f"{n}:{v['tokens_per_s']:.0f}" for n, v in r["prefill"].items())
+    dec = r["decode"].get("tokens_per_s", "-")
+    mem = r.get("peak_device_bytes", 0) / 2**30
+    print(f"[bench] {r.get('model')} {name}: prefill tok/s {pre} | decode tok/s {dec} | weights "
+          f"{r['weight_bytes'] / 2**30:.2f} GiB | peak {mem:.2f} GiB | {r.get('wall_s')} s", flush=True)
+
+
+def ratios(out: Dict) -> Dict:
+    """The issue's targets, per model: W8A8 vs our q0f16, our q0f16 vs transformers eager."""
+    res: Dict = {}
+    for model in sorted({r.get("model") for r in out["runs"]}):
+        runs = {r["scheme"]: r for r in out["runs"] if r.get("model") == model and "error" not in r}
+        ref = next((r for r in out["reference"] if r.get("model") == model and "eager" in r.get("impl", "")
+                    and "error" not in r), None)
+        base = runs.get("q0f16")
+        if base is None:
+            continue
+        m: Dict = {}
+        for s, r in runs.items():
+            if s == "q0f16":
+                continue
+            m[s] = {
+                **{f"prefill_{n}": round(r["prefill"][n]["tokens_per_s"] / base["prefill"][n]["tokens_per_s"], 3)
+                   for n in r["prefill"] if n in base["prefill"]},
+                "decode": round(r["decode"]["tokens_per_s"] / base["decode"]["tokens_per_s"], 3),
+                "weight_memory": round(r["weight_bytes"] / base["weight_bytes"], 3),
+            }
+        if ref is not None:
+            m["q0f16_vs_transformers_eager"] = {
+                **{f"prefill_{n}": round(base["prefill"][n]["tokens_per_s"] / ref["prefill"][n]["tokens_per_s"], 3)
+                   for n in base["prefill"] if n in ref["prefill"]},
+                "decode": round(base["decode"]["tokens_per_s"] / ref["decode"]["tokens_per_s"], 3),
+            }
+        res[model] = m
+    return res
+
+
+def _device_facts() -> Dict:
+    facts: Dict = {}
+    try:
+        import subprocess  # pylint: disable=import-outside-toplevel
+
+        q = "name,memory.total,driver_version,clocks.sm,clocks.max.sm"
+        facts["nvidia_smi"] = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"],
+                                             capture_output=True, text=True, timeout=30).stdout.strip()
+    except Exception as err:  # pylint: disable=broad-except
+        facts["nvidia_smi"] = repr(err)
+    return facts
+
+
+def format_table(out: Dict) -> str:
+    """Markdown table of a run_all result."""
+    lines = ["| model | implementation | prefill 128 tok/s | prefill 512 | prefill 2048 | decode b=1 tok/s | "
+             "weights GiB | peak GiB |", "|---|---|---|---|---|---|---|---|"]
+    for r in out["runs"] + out["reference"]:
+        name = r.get("scheme") or r.get("impl")
+        if "error" in r or "skipped" in r:
+            lines.append(f"| {r.get('model')} | {name} | {r.get('error', r.get('skipped'))[:80]} | | | | | |")
+            continue
+        p = r["prefill"]
+        cell = [f"{p[n]['tokens_per_s']:.0f}" if n in p else "-" for n in ("128", "512", "2048")]
+        dec = r["decode"].get("tokens_per_s")
+        lines.append(f"| {r.get('model')} | {name} | {' | '.join(cell)} | {dec if dec else '-'} | "
+                     f"{r['weight_bytes'] / 2**30:.2f} | {r.get('peak_device_bytes', 0) / 2**30:.2f} |")
+    return "\n".join(lines)
+
+
+# ============================================================================ command line
+
+
+def add_args(p) -> None:
+    """``mlc-quant bench {build,run,table}`` (also ``scripts/bench.py``)."""
+    sub = p.add_subparsers(dest="bench_command", required=True)
+    b = sub.add_parser("build", help="compile benchmark libraries for CUDA (CPU machine, needs nvcc)")
+    b.add_argument("--config", action="append", default=None,
+                   help="llama2-7b, smollm2, a config.json or a model folder (repeatable; default: both named)")
+    b.add_argument("--schemes", default=",".join(DEFAULT_SCHEMES), help="comma-separated (default: q0f16 + every smq)")
+    b.add_argument("--target", default="cuda", help="cuda (sm_90) or cuda:sm_XX")
+    b.add_argument("--output", "-o", required=True)
+    b.add_argument("--seed", type=int, default=0)
+    r = sub.add_parser("run", help="measure the built libraries on the GPU (TVM runtime only) + transformers")
+    r.add_argument("dir")
+    r.add_argument("--json", default="bench.json")
+    r.add_argument("--configs", default=None, help="comma-separated subfolders of DIR (default: all)")
+    r.add_argument("--schemes", default=None)
+    r.add_argument("--lengths", default=",".join(map(str, PREFILL_LENGTHS)))
+    r.add_argument("--decode-tokens", type=int, default=64)
+    r.add_argument("--no-hf", dest="hf", action="store_false", help="skip the transformers reference")
+    r.add_argument("--no-compile", dest="hf_compile", action="store_false", help="skip torch.compile")
+    r.add_argument("--no-profile", dest="profile", action="store_false")
+    r.add_argument("--budget-s", type=float, default=1e9, help="skip further reference runs after this many seconds")
+    r.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("table", help="markdown table of a bench JSON")
+    t.add_argument("json")
+
+
+def main(args) -> int:
+    if args.bench_command == "build":
+        configs = args.config or ["llama2-7b", "smollm2"]
+        done = build_all(configs, [s for s in args.schemes.split(",") if s], args.output, args.target, args.seed)
+        print("\n".join(done))
+        return 0
+    if args.bench_command == "run":
+        os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
+        out = run_all(args.dir, args.json, configs=args.configs.split(",") if args.configs else None,
+                      schemes=args.schemes.split(",") if args.schemes else None,
+                      lengths=tuple(int(x) for x in args.lengths.split(",")), decode_tokens=args.decode_tokens,
+                      hf=args.hf, hf_compile=args.hf_compile, profile=args.profile, budget_s=args.budget_s,
+                      seed=args.seed)
+        print(format_table(out))
+        print(json.dumps(out.get("ratios", {}), indent=1))
+        return 0
+    out = json.loads(pathlib.Path(args.json).read_text())
+    print(format_table(out))
+    return 0
