@@ -17,6 +17,14 @@ is never quantized):
     w   = astype(w[N, P][:, :K], F)
     y   = matmul(x, permute_dims(w))
 
+The LM head (``lm_head_weight``, or ``model_embed_tokens_weight`` used as a tied head) is kept
+at ``head_bits`` = 8: int8 per-output-channel symmetric (``<w>.q`` int8 ``[N, K]``, ``<w>.scale``
+float32 ``[N, 1]``), dequantized the same way. A tied head's float table stays for the embedding
+gather anyway, so a 4-bit head would save nothing there and cost the most accuracy of any single
+linear (SmolLM2: RTN W4 on the head alone takes perplexity from 22.7 to 26.5); reference AutoRound
+leaves the head unquantized by default, llama.cpp's Q4 mixes keep ``output.weight`` at 6 bits.
+``head_bits=4`` treats the head like every other linear.
+
 The two schemes emit the same IR and the same params; they differ in how the integer values
 are chosen: round-to-nearest (``quantize_weight``, what the plain API does for both) or AutoRound
 (``mlc_quant.autoround``, which the build uses when the scheme's ``rounding`` is ``autoround``
@@ -35,6 +43,7 @@ from tvm import relax
 from mlc_quant.schemes import _EPS, SCHEMES, ActQParams, QuantScheme
 
 W4_WEIGHT_KIND = "int4_group_asym"
+HEAD_WEIGHTS = ("lm_head_weight", "model_embed_tokens_weight")  # IR names of an (un)tied LM head
 
 
 # --------------------------------------------------------------------------- numpy reference
@@ -135,10 +144,19 @@ class WeightOnlyScheme(QuantScheme):
     bits: int = 4
     group_size: int = 128  # <= 0: per output channel
     rounding: str = "rtn"  # "rtn" | "autoround": the weight quantizer a build uses by default
+    head_bits: int = 8  # the LM head: symmetric per-channel at this many bits (== bits: like the rest)
 
     @property
     def qmax(self) -> int:
         return (1 << self.bits) - 1
+
+    def is_head(self, name: str) -> bool:
+        """Whether linear ``name`` is the LM head, quantized per channel at ``head_bits``."""
+        return self.head_bits != self.bits and name in HEAD_WEIGHTS
+
+    @property
+    def head_qmax(self) -> int:
+        return (1 << (self.head_bits - 1)) - 1
 
     @property
     def static_activations(self) -> bool:
@@ -152,6 +170,8 @@ class WeightOnlyScheme(QuantScheme):
         return None
 
     def weight_param_specs(self, name: str, n: int, k: int) -> List[Tuple[str, Tuple[int, ...], str]]:
+        if self.is_head(name):
+            return [(f"{name}.q", (n, k), "int8"), (f"{name}.scale", (n, 1), "float32")]
         _, groups, p = group_layout(k, self.group_size)
         return [(f"{name}.q", (n, (p + 1) // 2), "uint8"), (f"{name}.scale", (n, groups), "float32"),
                 (f"{name}.zp", (n, groups), "uint8")]
@@ -168,13 +188,21 @@ class WeightOnlyScheme(QuantScheme):
 
     def quantize_weight(self, name: str, w: np.ndarray, act: Optional[ActQParams]) -> Dict[str, np.ndarray]:
         """Round-to-nearest (AutoRound replaces this through the pipeline's weight quantizer)."""
-        return self.pack(name, *self.quantize_groups(np.asarray(w, np.float32)))
+        w = np.asarray(w, np.float32)
+        if self.is_head(name):
+            q, scale, _ = quantize_groups_np(w, -self.head_qmax, self.head_qmax, -1, sym=True)
+            return {f"{name}.q": q.astype(np.int8), f"{name}.scale": scale}
+        return self.pack(name, *self.quantize_groups(w))
 
     def emit_linear(self, bb: relax.BlockBuilder, x: relax.Expr, wparams: Dict[str, relax.Expr],
                     name: str, act: Optional[ActQParams]) -> relax.Expr:
         op = relax.op
         dtype = str(x.ty.dtype)
         k = int(x.ty.shape[-1])
+        if self.is_head(name):
+            w = op.multiply(op.astype(wparams[f"{name}.q"], "float32"), wparams[f"{name}.scale"])
+            w = bb.emit(w if dtype == "float32" else op.astype(w, dtype), name_hint=f"{name}_dq".replace(".", "_"))
+            return op.matmul(x, op.permute_dims(w))
         g, groups, p = group_layout(k, self.group_size)
         packed = wparams[f"{name}.q"]
         n = int(packed.ty.shape[0])
@@ -198,18 +226,19 @@ class WeightOnlyScheme(QuantScheme):
 
 W4_SCHEMES = [
     WeightOnlyScheme("q4f16_rtn", "none", W4_WEIGHT_KIND,
-                     "W4 weight-only: int4 group-128 asymmetric weights, round-to-nearest; float activations",
+                     "W4 weight-only: int4 group-128 asymmetric weights (LM head int8), round-to-nearest; float activations",
                      bits=4, group_size=128, rounding="rtn"),
     WeightOnlyScheme("q4f16_autoround", "none", W4_WEIGHT_KIND,
-                     "W4 weight-only: int4 group-128 asymmetric weights rounded by AutoRound (SignSGD); "
-                     "float activations", bits=4, group_size=128, rounding="autoround"),
+                     "W4 weight-only: int4 group-128 asymmetric weights (LM head int8) rounded by AutoRound "
+                     "(SignSGD); float activations", bits=4, group_size=128, rounding="autoround"),
     # Per-output-channel twins (one group per row): the honest check on SmolLM2, whose GGUF
     # weights were 4-bit with group 32 once.
     WeightOnlyScheme("q4f16_rtn_pc", "none", W4_WEIGHT_KIND,
-                     "W4 weight-only: int4 per-channel asymmetric weights, round-to-nearest; float activations",
+                     "W4 weight-only: int4 per-channel asymmetric weights (LM head int8), round-to-nearest; float activations",
                      bits=4, group_size=-1, rounding="rtn"),
     WeightOnlyScheme("q4f16_autoround_pc", "none", W4_WEIGHT_KIND,
-                     "W4 weight-only: int4 per-channel asymmetric weights rounded by AutoRound; float activations",
+                     "W4 weight-only: int4 per-channel asymmetric weights (LM head int8) rounded by AutoRound; "
+                     "float activations",
                      bits=4, group_size=-1, rounding="autoround"),
 ]
 
