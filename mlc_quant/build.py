@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import tvm
 
-from mlc_quant import artifact, pipeline, rotation
+from mlc_quant import artifact, autoround, pipeline, rotation
 from mlc_quant.calibration import stat_names
 from mlc_quant.datasets import calibration_samples
 from mlc_quant.observers import ChannelStatsObserver
@@ -42,6 +42,8 @@ class BuildOptions:
     seed: int = 0
     rotation: str = "none"  # SpinQuant rotations: none, r1r2, r1r2r4, all (mlc_quant/rotation.py)
     rotation_kind: str = "hadamard"  # fused R1/R2 matrices: hadamard or random-orthogonal
+    weight_rounding: str = "rtn"  # rtn or autoround (mlc_quant/autoround.py); q4f16_autoround implies autoround
+    autoround_preset: str = "fast"  # fast (CPU) or paper (the reference defaults)
 
 
 def parse_target(spec: str) -> tvm.target.Target:
@@ -108,6 +110,7 @@ def build_model(opts: BuildOptions) -> str:
     config = load_config(path)
     rot = rotation.Rotation(opts.rotation, opts.rotation_kind, opts.seed)
     rotation.check_supported(config, rot)  # a size without a matrix fails before any heavy work
+    rounding = autoround.build_rounding(scheme, opts.weight_rounding, opts.autoround_preset, opts.rotation)
     if opts.max_seq_len > config.max_position_embeddings:
         raise ValueError(f"--max-seq-len={opts.max_seq_len} exceeds the model's maximum "
                          f"{config.max_position_embeddings} (max_position_embeddings)")
@@ -121,8 +124,16 @@ def build_model(opts: BuildOptions) -> str:
         mod, names = export_model(config, "float32", "llvm")
         params = load_params_dict(path, config, "float32")
         mod, params, rot_summary = rotation.rotate_model(mod, params, config, rot)
+        quantize_weights = pipeline.rtn_weights
+        if rounding == "autoround":
+            quantize_weights = autoround.build_quantizer(config, tokenizer, opts.dataset, opts.autoround_preset,
+                                                         opts.seed)
         result = pipeline.quantize_module(mod, params, scheme, _calibrator(opts, config, params, tokenizer),
-                                          alpha=opts.alpha, smooth=opts.smooth)
+                                          alpha=opts.alpha, smooth=opts.smooth and scheme.act != "none",
+                                          quantize_weights=quantize_weights)
+        result.summary["weight_rounding"] = rounding
+        if rounding == "autoround":
+            result.summary["autoround"] = quantize_weights.report
         calib_s = time.time() - t_start
         del params
         qmod, qparams = result.mod, result.params

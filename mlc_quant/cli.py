@@ -43,6 +43,12 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
                         "down_proj input, all = + R3 on q/k after RoPE (docs/rotation.md; default none)")
     p.add_argument("--rotation-kind", default="hadamard", choices=["hadamard", "random-orthogonal"],
                    help="matrices of the fused R1/R2 (online R3/R4 are always Hadamard; default hadamard)")
+    p.add_argument("--weight-rounding", default="rtn", choices=["rtn", "autoround"],
+                   help="how weights are rounded: rtn (round to nearest) or autoround (learned per block, "
+                        "SignSGD; q4f16_autoround implies it; docs/accuracy.md)")
+    p.add_argument("--autoround-preset", default="fast", choices=["fast", "paper"],
+                   help="AutoRound settings: fast (CPU: 50 iters, 32 x 256 tokens) or paper (200 iters, "
+                        "128 x 2048 tokens, batch 8; GPU)")
 
 
 def cmd_build(args) -> int:
@@ -56,7 +62,8 @@ def cmd_build(args) -> int:
                         calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                         calib_decode_steps=args.calib_decode_steps, target=args.target,
                         overwrite=args.overwrite, seed=args.seed, rotation=args.rotation,
-                        rotation_kind=args.rotation_kind)
+                        rotation_kind=args.rotation_kind, weight_rounding=args.weight_rounding,
+                        autoround_preset=args.autoround_preset)
     build_model(opts)
     print(f"wrote {output}")
     return 0
