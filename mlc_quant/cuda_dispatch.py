@@ -672,11 +672,34 @@ def write_library_blob(row_ptr, child, entries) -> bytes:
     return _p64(len(data)) + data
 
 
+def _skip_fmap(buf: bytes, pos: int) -> int:
+    """End of a serialized map<str, FunctionInfo> (FunctionInfo: name, arg_types as 4-byte
+    DLDataTypes, launch_param_tags as strings, arg_extra_tags as int32)."""
+    count, pos = _u64(buf, pos), pos + 8
+    for _ in range(count):
+        _, pos = _read_str(buf, pos)  # key
+        _, pos = _read_str(buf, pos)  # FunctionInfo.name
+        pos += 8 + 4 * _u64(buf, pos)  # arg_types
+        n_tags, pos = _u64(buf, pos), pos + 8
+        for _ in range(n_tags):
+            _, pos = _read_str(buf, pos)
+        pos += 8 + 4 * _u64(buf, pos)  # arg_extra_tags
+    return pos
+
+
 def split_cuda_payload(payload: bytes):
     """(fmt, fmap bytes, code) of a serialized "cuda" module."""
     fmt, pos = _read_str(payload, 0)
-    # code is the last field: the one u64 length that reaches exactly the end of the payload
-    for start in range(len(payload) - 8, pos - 1, -1):
+    try:
+        start = _skip_fmap(payload, pos)
+        if _u64(payload, start) == len(payload) - start - 8:
+            return fmt.decode(), payload[pos:start], payload[start + 8:]
+    except (ValueError, IndexError):
+        pass
+    # Fallback if FunctionInfo's layout changes: code is the last field, so its length is the first
+    # u64 after the fmap that reaches exactly the end (scanning from the end would stop inside a
+    # fatbin, whose header also holds its remaining size).
+    for start in range(pos + 8, len(payload) - 7):
         if _u64(payload, start) == len(payload) - start - 8:
             return fmt.decode(), payload[pos:start], payload[start + 8:]
     raise ValueError("cannot find the code field of a cuda module payload")

@@ -1,0 +1,337 @@
+"""CUDA builds of whole models (`scripts/build.py --target cuda`) and running them on a GPU.
+
+CPU, in CI (needs nvcc and the full TVM; no GPU):
+  * a tiny Llama exported in fp16 for CUDA, for q0f16 and the W8A8 schemes, goes through
+    dispatch_gemms(strict=True): every GEMM is an external kernel, none is left to TVM; the rest
+    gets TVM's GPU schedules (dlight) and the exported library carries a fatbin of TVM's kernels
+    compiled here (no compiler needed where it runs);
+  * `mlc-quant build --target cuda` on that tiny model (calibrating on its CPU build) writes an
+    fp16 artifact whose library holds the kernels and a fatbin;
+  * the runtime side (runner, cuda_runtime) imports without tvm.relax.
+GPU (skipped without a CUDA device; run on the GPU machine with the runtime-only TVM):
+  * the tiny W8A8 CUDA build (fatbin, and a CUDA-source variant compiled at load time by the
+    callback prepare_cuda_runtime registers) gives the CPU build's greedy tokens and logits;
+  * the SmolLM2 W8A8 (smq_q8i8f16_2) CUDA build generates the CPU build's 32 greedy tokens and
+    its perplexity is within 0.5 % of the CPU build's.
+  The expected values are computed here, on the CPU builds (`make-gpu-bundle`, below), and the
+  GPU tests read them from MLC_QUANT_GPU_BUNDLE.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+FATBIN_MAGIC = bytes.fromhex("50ed55ba")  # little-endian 0xBA55ED50
+GREEDY_TOKENS = 32
+PPL_REL_TOL = 0.005
+
+
+def _full_tvm() -> bool:
+    try:
+        import tvm.relax  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    except Exception:  # pylint: disable=broad-except
+        return False
+    return True
+
+
+def _nvcc() -> bool:
+    if not _full_tvm():
+        return False
+    from mlc_quant.kernels import find_nvcc  # pylint: disable=import-outside-toplevel
+
+    return find_nvcc() is not None
+
+
+needs_build = pytest.mark.skipif(not _nvcc(), reason="needs nvcc (CUDA toolkit) and the full TVM")
+
+
+def _gpu() -> bool:
+    try:
+        from mlc_quant.cuda_runtime import prepare_cuda_runtime  # pylint: disable=import-outside-toplevel
+
+        prepare_cuda_runtime()
+        return True
+    except Exception:  # pylint: disable=broad-except
+        return False
+
+
+def _bundle() -> Path | None:
+    d = os.environ.get("MLC_QUANT_GPU_BUNDLE")
+    return Path(d) if d and Path(d).is_dir() else None
+
+
+# =============================================================================================
+# CPU: compile for CUDA here
+
+
+def _tiny_config():
+    from conftest import TINY  # pylint: disable=import-outside-toplevel
+
+    from mlc_quant.model.config import LlamaConfig  # pylint: disable=import-outside-toplevel
+
+    fields = LlamaConfig.__dataclass_fields__
+    return LlamaConfig(**{k: v for k, v in TINY.items() if k in fields})
+
+
+def _cuda_entries(ex, archs=("sm_90",)):
+    """The packed imports of an executable after compile_device_code: [(kind, fmt, code)]."""
+    from tvm.runtime import _ffi_api  # pylint: disable=import-outside-toplevel
+
+    from mlc_quant import cuda_dispatch as cd  # pylint: disable=import-outside-toplevel
+
+    blob = _ffi_api.ModulePackImportsToTensor(ex.mod).numpy().tobytes()
+    row_ptr, child, entries = cd.parse_library_blob(blob)
+    assert cd.write_library_blob(row_ptr, child, entries) == blob  # the parser round-trips
+    compiled = cd.compile_device_code(blob, archs)
+    out = []
+    for kind, payload in cd.parse_library_blob(compiled)[2]:
+        if kind == "cuda":
+            fmt, _, code = cd.split_cuda_payload(payload)
+            out.append((kind, fmt, code))
+    return out
+
+
+@needs_build
+@pytest.mark.parametrize("scheme", ["q0f16", "smq_q8i8f16_2", "smq_q8i8f16_3"])
+def test_tiny_llama_cuda_build_offloads_every_gemm(scheme, tmp_path):
+    import tvm  # pylint: disable=import-outside-toplevel
+    from tvm import relax  # pylint: disable=import-outside-toplevel
+
+    from mlc_quant import cuda_dispatch as cd  # pylint: disable=import-outside-toplevel
+    from mlc_quant import pipeline  # pylint: disable=import-outside-toplevel
+    from mlc_quant.bench import synthetic_plan  # pylint: disable=import-outside-toplevel
+    from mlc_quant.build import parse_target  # pylint: disable=import-outside-toplevel
+    from mlc_quant.model.llama import export_model  # pylint: disable=import-outside-toplevel
+    from mlc_quant.schemes import get_scheme  # pylint: disable=import-outside-toplevel
+
+    target = parse_target("cuda")
+    config = _tiny_config()
+    mod, names = export_model(config, "float16", target)
+    s = get_scheme(scheme)
+    qmod = synthetic_plan(mod, names, s).apply(mod) if s.quantizes else mod
+    dmod = cd.dispatch_gemms(qmod, strict=True)  # raises if any matmul is left to TVM
+    n_linears = 7 * config.num_hidden_layers + 1
+    for fn in ("prefill", "decode"):
+        calls = []
+        relax.analysis.post_order_visit(
+            dmod[fn],
+            lambda e: calls.append(str(e.args[0].global_symbol))
+            if isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.call_dps_packed"
+            and str(e.args[0].global_symbol).endswith(("mlc_cutlass", "mlc_cublaslt")) else None,
+        )
+        assert len(calls) == n_linears, (fn, calls)
+        want = "mlc_cublaslt" if scheme == "q0f16" else "mlc_cutlass"
+        assert all(c.endswith(want) for c in calls)
+    ex = tvm.compile(dmod, target)
+    # TVM's own kernels (norms, rotary, attention, quantize glue) are scheduled for the GPU and
+    # none of them is a GEMM; they ship as one fatbin compiled here.
+    entries = _cuda_entries(ex)
+    assert len(entries) == 1 and entries[0][1] == "fatbin" and entries[0][2][:4] == FATBIN_MAGIC
+    lib = pipeline_export(pipeline, ex, tmp_path / "model.so", target)
+    nm = subprocess.run(["nm", "-D", "--defined-only", lib], capture_output=True, text=True, check=True).stdout
+    assert "__tvm_ffi_mlcq_linear" in nm and "__tvm_ffi__library_bin" in nm
+    data = Path(lib).read_bytes()
+    assert b"\x06\x00\x00\x00\x00\x00\x00\x00fatbin" in data and b'extern "C" __global__' not in data
+
+
+def pipeline_export(pipeline, ex, path, target) -> str:
+    pipeline.export_library(ex, str(path), target)
+    return str(path)
+
+
+@needs_build
+def test_build_cli_cuda_target(tiny_llama_dir, tmp_path, caplog):
+    """`mlc-quant build --target cuda`: calibrates on the CPU build, writes an fp16 CUDA artifact."""
+    from test_build import byte_tokenizer  # pylint: disable=import-outside-toplevel
+
+    from mlc_quant import artifact  # pylint: disable=import-outside-toplevel
+    from mlc_quant.cli import main as cli  # pylint: disable=import-outside-toplevel
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    byte_tokenizer(256).save_pretrained(model)
+    out = tmp_path / "cuda"
+    with caplog.at_level(logging.INFO):
+        assert cli(["build", "--model", str(model), "--quantization", "smq_q8i8f16_2", "--target", "cuda",
+                    "--max-seq-len", "128", "--calib-samples", "2", "--calib-seq-len", "32",
+                    "--output", str(out)]) == 0
+    assert "not offloaded" not in caplog.text
+    cfg = json.loads((out / artifact.CONFIG_FILE).read_text())
+    assert cfg["target"] == "cuda" and cfg["dtype"] == "float16"
+    params = artifact.load_safetensors(out / artifact.PARAMS_FILE)
+    assert {str(v.dtype) for k, v in params.items() if not k.endswith((".q", ".scale", ".zp", ".corr"))} == {"float16"}
+    data = (out / artifact.LIB_FILE).read_bytes()
+    assert b"\x06\x00\x00\x00\x00\x00\x00\x00fatbin" in data
+
+
+def test_runtime_side_imports_without_relax():
+    """What the GPU machine imports (runner, runtime, cuda_runtime, bench) must not need tvm.relax."""
+    code = (
+        "import sys\n"
+        "import mlc_quant, mlc_quant.runner, mlc_quant.runtime, mlc_quant.cuda_runtime, mlc_quant.artifact\n"
+        "import mlc_quant.bench\n"
+        "bad = [m for m in ('mlc_quant.api', 'mlc_quant.pipeline', 'mlc_quant.passes') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+# =============================================================================================
+# GPU: built here (make-gpu-bundle), run there
+
+
+needs_gpu = pytest.mark.skipif(not _gpu(), reason="needs a CUDA GPU")
+needs_bundle = pytest.mark.skipif(_bundle() is None, reason="set MLC_QUANT_GPU_BUNDLE to make-gpu-bundle's output")
+
+
+@needs_gpu
+@needs_bundle
+@pytest.mark.parametrize("variant", ["cuda", "cuda_src"])
+def test_gpu_tiny_w8a8_build_matches_cpu_build(variant):
+    from mlc_quant.runner import load_built  # pylint: disable=import-outside-toplevel
+
+    d = _bundle() / "tiny"
+    if not (d / variant).is_dir():
+        pytest.skip(f"{variant} not in the bundle")
+    expect = json.loads((d / "expect.json").read_text())
+    engine, _, _ = load_built(d / variant, device="cuda")
+    logits = engine.prefill(expect["prompt"])
+    ref = np.load(d / "cpu_logits.npy")
+    rel = np.linalg.norm(logits - ref) / np.linalg.norm(ref)
+    assert rel < 2e-2, rel
+    tokens = list(engine.generate(expect["prompt"], len(expect["tokens"])))
+    assert tokens == expect["tokens"]
+
+
+@needs_gpu
+@needs_bundle
+def test_gpu_smollm2_w8a8_matches_cpu_build():
+    from mlc_quant.runner import load_built  # pylint: disable=import-outside-toplevel
+
+    d = _bundle() / "smollm2"
+    if not (d / "cuda" / "params.safetensors").is_file():
+        pytest.skip("SmolLM2 CUDA build not in the bundle")
+    expect = json.loads((d / "expect.json").read_text())
+    engine, _, _ = load_built(d / "cuda", device="cuda", max_seq_len=expect["ctx"])
+    tokens = list(engine.generate(expect["prompt"], GREEDY_TOKENS))
+    ppl = engine.perplexity(expect["ppl_ids"], expect["ctx"])
+    result = {"tokens": tokens, "ppl": ppl, "cpu_tokens": expect["tokens"], "cpu_ppl": expect["ppl"],
+              "ppl_rel_diff": abs(ppl - expect["ppl"]) / expect["ppl"]}
+    out = os.environ.get("MLC_QUANT_GPU_RESULT")
+    if out:
+        Path(out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+    assert len(expect["tokens"]) == GREEDY_TOKENS
+    assert tokens == expect["tokens"], result
+    assert result["ppl_rel_diff"] <= PPL_REL_TOL, result
+
+
+# =============================================================================================
+# make-gpu-bundle: the builds, and the CPU builds' expected outputs, for the GPU tests
+
+
+def _needed_rows(*id_lists) -> np.ndarray:
+    return np.unique(np.concatenate([np.asarray(x, np.int64).reshape(-1) for x in id_lists]))
+
+
+def make_tiny(out: Path) -> None:
+    """Tiny W8A8: CPU build (expected values) and two CUDA builds (fatbin / CUDA source)."""
+    import tempfile  # pylint: disable=import-outside-toplevel
+
+    from conftest import make_hf_model, save_hf_model  # pylint: disable=import-outside-toplevel
+    from test_build import byte_tokenizer  # pylint: disable=import-outside-toplevel
+
+    from mlc_quant.cli import main as cli  # pylint: disable=import-outside-toplevel
+    from mlc_quant.runner import load_built  # pylint: disable=import-outside-toplevel
+
+    d = out / "tiny"
+    d.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = save_hf_model(make_hf_model("llama", tie_word_embeddings=False), os.path.join(tmp, "m"))
+        byte_tokenizer(256).save_pretrained(model)
+        common = ["--model", model, "--quantization", "smq_q8i8f16_2", "--max-seq-len", "128",
+                  "--calib-samples", "3", "--calib-seq-len", "32", "--overwrite"]
+        assert cli(["build", *common, "--output", str(d / "cpu")]) == 0
+        assert cli(["build", *common, "--target", "cuda", "--output", str(d / "cuda")]) == 0
+        os.environ["MLC_QUANT_CUDA_SOURCE"] = "1"
+        try:
+            assert cli(["build", *common, "--target", "cuda", "--output", str(d / "cuda_src")]) == 0
+        finally:
+            del os.environ["MLC_QUANT_CUDA_SOURCE"]
+    engine, _, _ = load_built(d / "cpu")
+    prompt = [5, 17, 33, 101, 7, 250, 3]
+    np.save(d / "cpu_logits.npy", engine.prefill(prompt))
+    tokens = list(engine.generate(prompt, 12))
+    (d / "expect.json").write_text(json.dumps({"prompt": prompt, "tokens": tokens}))
+    shutil.rmtree(d / "cpu")
+
+
+def make_smollm2(out: Path, cpu_build: Path, cuda_build: Path, ctx: int = 512, windows: int = 4,
+                 prompt: str = "The capital of France is") -> None:
+    """SmolLM2: the CPU build's greedy tokens and perplexity; the CUDA build without its params,
+    which are written xz-compressed as params.safetensors.xz (the GPU run decompresses them).
+
+    The params file is the CUDA build's, except that rows of the fp16 embedding table that no
+    token of the test ever gathers are zeroed (they compress to nothing; the LM head is a
+    separate int8 weight, so no output changes)."""
+    import lzma  # pylint: disable=import-outside-toplevel
+
+    from mlc_quant import artifact  # pylint: disable=import-outside-toplevel
+    from mlc_quant.runner import load_built, read_text  # pylint: disable=import-outside-toplevel
+
+    d = out / "smollm2"
+    d.mkdir(parents=True, exist_ok=True)
+    engine, tok, _ = load_built(cpu_build, max_seq_len=ctx)
+    prompt_ids = tok.encode(prompt)
+    tokens = list(engine.generate(prompt_ids, GREEDY_TOKENS))
+    ppl_ids = tok.encode(read_text("britannica"))[: ctx * windows]
+    ppl = engine.perplexity(ppl_ids, ctx)
+    expect = {"prompt_text": prompt, "prompt": prompt_ids, "tokens": tokens, "text": tok.decode(tokens),
+              "ppl": ppl, "ppl_ids": ppl_ids, "ctx": ctx, "windows": windows, "cpu_build": str(cpu_build)}
+    (d / "expect.json").write_text(json.dumps(expect))
+    print(f"[make-gpu-bundle] SmolLM2 CPU build: ppl {ppl:.4f}, tokens {tok.decode(tokens)!r}", flush=True)
+    dst = d / "cuda"
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(cuda_build, dst, ignore=shutil.ignore_patterns(artifact.PARAMS_FILE))
+    params = dict(artifact.load_safetensors(Path(cuda_build) / artifact.PARAMS_FILE))
+    rows = _needed_rows(prompt_ids, tokens, ppl_ids)
+    emb = np.zeros_like(params["model_embed_tokens_weight"])
+    emb[rows] = params["model_embed_tokens_weight"][rows]
+    params["model_embed_tokens_weight"] = emb
+    tmp = d / "params.tmp.safetensors"
+    artifact.save_safetensors(tmp, params, metadata={"format": "mlc-quant", "note": "unused embedding rows zeroed"})
+    with open(tmp, "rb") as f, lzma.open(d / "params.safetensors.xz", "wb", preset=6) as g:
+        shutil.copyfileobj(f, g, 1 << 24)
+    tmp.unlink()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="build what the GPU tests need (run on the CPU machine)")
+    ap.add_argument("command", choices=["make-gpu-bundle"])
+    ap.add_argument("out")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--smollm2-cpu", help="SmolLM2 smq_q8i8f16_2 build for llvm (scripts/build.py)")
+    ap.add_argument("--smollm2-cuda", help="the same build for --target cuda")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=4)
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if a.tiny:
+        make_tiny(Path(a.out))
+    if a.smollm2_cpu:
+        make_smollm2(Path(a.out), Path(a.smollm2_cpu), Path(a.smollm2_cuda), a.ctx, a.windows)
