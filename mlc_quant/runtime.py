@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import tvm
+import tvm.runtime.vm  # noqa: F401  (not imported by `import tvm` in runtime-only mode)
 import tvm_ffi
 
 NUM_INPUTS = 2  # input_ids, paged_kv_cache: weights follow them
