@@ -59,6 +59,8 @@ def main():
                                     "build_s": round(t_build, 1), "eval_s": round(time.time() - t0, 1)}
             print(f"{key:28s} perplexity {ppl:.4f}  (build {t_build:.0f} s)", flush=True)
             del engine
+            with open(args.out, "w") as f:  # after every run: a long sweep loses nothing
+                json.dump(results, f, indent=2)
     results["setup"] = {"model": args.model, "ctx": args.ctx, "windows": len(tokens) // args.ctx,
                         "tokens": len(tokens), "calibration": f"{args.dataset}, {args.calib_samples} x "
                         f"{args.calib_seq_len} tokens", "alpha": args.alpha,

@@ -156,3 +156,20 @@ def test_build_errors_are_clear_and_leave_nothing(case, tiny_model, tmp_path, ca
     else:
         assert not out.exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp dir left
+
+
+def test_real_smollm2_w8a8_build_end_to_end(tmp_path, capsys):
+    """The bundled SmolLM2, built W8A8 (smq_q8i8f16_3, smoothed) and run: it still knows things."""
+    from mlc_quant.runner import load_built
+
+    out = tmp_path / "smollm2"
+    assert cli(["build", "--model", "smollm2", "--quantization", "smq_q8i8f16_3", "--dataset", "shakespeare",
+                "--calib-samples", "2", "--calib-seq-len", "64", "--max-seq-len", "256", "--output", str(out)]) == 0
+    engine, tokenizer, cfg = load_built(out)
+    assert cfg["quantization"]["smoothing_groups"] == {"norm": 60, "linear": 30, "none": 30, "skip": 1}
+    ids = tokenizer.encode("The capital of France is")
+    text = tokenizer.decode(list(engine.generate(ids, 6)))
+    assert "Paris" in text, text
+    assert cli(["ppl", str(out), "--text", "britannica", "--ctx", "256", "--max-windows", "2"]) == 0
+    ppl = float(capsys.readouterr().out.strip().splitlines()[-1].split("perplexity:")[1])
+    assert 5 < ppl < 40, ppl  # fp32 gives ~19 on these windows
