@@ -84,7 +84,7 @@ def synthetic_plan(mod, weight_names: Sequence[str], scheme, seed: int = 0):
 
 
 def build_one(config, scheme_name: str, out_dir, target: str = "cuda", seed: int = 0,
-              strict: bool = True) -> Dict:
+              strict: bool = True, cuda_graph: bool = False) -> Dict:
     """Build one benchmark library into ``out_dir``; returns its manifest."""
     import tvm  # pylint: disable=import-outside-toplevel
 
@@ -106,7 +106,10 @@ def build_one(config, scheme_name: str, out_dir, target: str = "cuda", seed: int
     params = [(p.name, [int(d) for d in p.ty.shape.values], str(p.ty.dtype)) for p in qmod["prefill"].params[2:]]
     t1 = time.time()
     if cuda:
-        ex = tvm.compile(dispatch_gemms(qmod, strict=strict), tgt)
+        # cuda_graph: TVM's RewriteCUDAGraph captures the static-shape regions (decode) once and
+        # replays them, removing most per-kernel launch and VM overhead.
+        with tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": bool(cuda_graph)}):
+            ex = tvm.compile(dispatch_gemms(qmod, strict=strict), tgt)
     else:
         ex = pipeline.build(qmod, "llvm")
     compile_s = time.time() - t1
@@ -114,6 +117,7 @@ def build_one(config, scheme_name: str, out_dir, target: str = "cuda", seed: int
     manifest = {
         "model_config": config.to_dict(), "scheme": scheme_name, "dtype": dtype, "target": target,
         "params": params, "synthetic_plan": bool(scheme.static_activations), "seed": seed,
+        "cuda_graph": bool(cuda_graph),
         "build": {"compile_s": round(compile_s, 1), "total_s": round(time.time() - t0, 1)},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -122,13 +126,13 @@ def build_one(config, scheme_name: str, out_dir, target: str = "cuda", seed: int
 
 
 def build_all(configs: Sequence[str], schemes: Sequence[str], out_root, target: str = "cuda",
-              seed: int = 0) -> List[str]:
+              seed: int = 0, cuda_graph: bool = False) -> List[str]:
     done = []
     for cname in configs:
         config = bench_config(cname)
         for s in schemes:
             d = pathlib.Path(out_root) / _slug(cname) / s
-            build_one(config, s, d, target, seed)
+            build_one(config, s, d, target, seed, cuda_graph=cuda_graph)
             done.append(str(d))
     return done
 
@@ -581,6 +585,7 @@ def add_args(p) -> None:
     b.add_argument("--target", default="cuda", help="cuda (sm_90) or cuda:sm_XX")
     b.add_argument("--output", "-o", required=True)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--cuda-graph", action="store_true", help="compile with relax.backend.use_cuda_graph")
     r = sub.add_parser("run", help="measure the built libraries on the GPU (TVM runtime only) + transformers")
     r.add_argument("dir")
     r.add_argument("--json", default="bench.json")
@@ -595,12 +600,16 @@ def add_args(p) -> None:
     r.add_argument("--seed", type=int, default=0)
     t = sub.add_parser("table", help="markdown table of a bench JSON")
     t.add_argument("json")
+    pl = sub.add_parser("plot", help="PNG of a bench JSON (needs matplotlib)")
+    pl.add_argument("json")
+    pl.add_argument("--output", "-o", required=True)
 
 
 def main(args) -> int:
     if args.bench_command == "build":
         configs = args.config or ["llama2-7b", "smollm2"]
-        done = build_all(configs, [s for s in args.schemes.split(",") if s], args.output, args.target, args.seed)
+        done = build_all(configs, [s for s in args.schemes.split(",") if s], args.output, args.target, args.seed,
+                         cuda_graph=args.cuda_graph)
         print("\n".join(done))
         return 0
     if args.bench_command == "run":
@@ -614,5 +623,45 @@ def main(args) -> int:
         print(json.dumps(out.get("ratios", {}), indent=1))
         return 0
     out = json.loads(pathlib.Path(args.json).read_text())
+    if args.bench_command == "plot":
+        plot(out, args.output)
+        print(f"wrote {args.output}")
+        return 0
     print(format_table(out))
     return 0
+
+
+def plot(out: Dict, path: str) -> None:
+    """Bars per model: prefill tokens/s at each length and decode tokens/s, every implementation."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    models = sorted({r.get("model") for r in out["runs"]})
+    metrics = [("prefill", "128"), ("prefill", "512"), ("prefill", "2048"), ("decode", None)]
+    fig, axes = plt.subplots(len(models), len(metrics), figsize=(4.2 * len(metrics), 3.6 * len(models)),
+                             squeeze=False)
+    for i, model in enumerate(models):
+        rows = [r for r in out["runs"] + out["reference"]
+                if r.get("model") == model and "error" not in r and "skipped" not in r]
+        for j, (kind, n) in enumerate(metrics):
+            ax = axes[i][j]
+            names, vals = [], []
+            for r in rows:
+                v = r[kind].get(n, {}).get("tokens_per_s") if n else r[kind].get("tokens_per_s")
+                if v:
+                    names.append(r["scheme"] if "scheme" in r else "HF " + r["impl"].split()[-1])
+                    vals.append(v)
+            colors = ["#888888" if "eager" in nm or "compile" in nm else
+                      ("#1f77b4" if nm == "q0f16" else "#d62728") for nm in names]
+            ax.barh(range(len(vals)), vals, color=colors)
+            ax.set_yticks(range(len(vals)))
+            ax.set_yticklabels(names, fontsize=8)
+            ax.invert_yaxis()
+            ax.set_title(f"{model}: {kind} {n or 'batch 1'} (tok/s)", fontsize=9)
+            ax.tick_params(axis="x", labelsize=8)
+    card = out.get("device", {}).get("nvidia_smi", "").split(",")[0]
+    fig.suptitle(f"mlc-quant end-to-end on {card} (higher is better)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -12,7 +12,10 @@ GPU (skipped without a CUDA device; run on the GPU machine with the runtime-only
   * the tiny W8A8 CUDA build (fatbin, and a CUDA-source variant compiled at load time by the
     callback prepare_cuda_runtime registers) gives the CPU build's greedy tokens and logits;
   * the SmolLM2 W8A8 (smq_q8i8f16_2) CUDA build generates the CPU build's 32 greedy tokens and
-    its perplexity is within 0.5 % of the CPU build's.
+    its perplexity is within 0.5 % of the CPU build's (the issue's target; on an H100, 2026-11-26,
+    it is missed: +0.88 % ppl and tokens diverging at the 2nd token, from fp16 versus fp32
+    activations, see docs/performance.md; the tiny model's CUDA build equals its fp16 CPU build
+    bit for bit).
   The expected values are computed here, on the CPU builds (`make-gpu-bundle`, below), and the
   GPU tests read them from MLC_QUANT_GPU_BUNDLE.
 """
@@ -208,11 +211,19 @@ def test_gpu_tiny_w8a8_build_matches_cpu_build(variant):
     expect = json.loads((d / "expect.json").read_text())
     engine, _, _ = load_built(d / variant, device="cuda")
     logits = engine.prefill(expect["prompt"])
-    ref = np.load(d / "cpu_logits.npy")
-    rel = np.linalg.norm(logits - ref) / np.linalg.norm(ref)
-    assert rel < 2e-2, rel
     tokens = list(engine.generate(expect["prompt"], len(expect["tokens"])))
+    ref = np.load(d / "cpu_logits.npy")  # the CPU build (fp32)
+    rel = float(np.linalg.norm(logits - ref) / np.linalg.norm(ref))
+    rel16 = None
+    if (d / "cpu_fp16_logits.npy").is_file():  # the same plan built for the CPU in fp16
+        ref16 = np.load(d / "cpu_fp16_logits.npy")
+        rel16 = float(np.linalg.norm(logits - ref16) / np.linalg.norm(ref16))
+    print(json.dumps({"variant": variant, "rel_vs_cpu_fp32": rel, "rel_vs_cpu_fp16": rel16, "tokens": tokens}))
     assert tokens == expect["tokens"]
+    # fp16 activations move this tiny W8A8 model's logits by 4.1 % on the CPU too (TVM's llvm
+    # build in fp16 vs fp32, same plan): the GPU must match the fp16 computation closely.
+    assert rel < 6e-2, rel
+    assert rel16 is None or rel16 < 5e-3, rel16
 
 
 @needs_gpu
@@ -221,11 +232,12 @@ def test_gpu_smollm2_w8a8_matches_cpu_build():
     from mlc_quant.runner import load_built  # pylint: disable=import-outside-toplevel
 
     d = _bundle() / "smollm2"
-    if not (d / "cuda" / "params.safetensors").is_file():
+    if not (d / "cuda" / "params.safetensors").is_file() and not (d / "rest.safetensors").is_file():
         pytest.skip("SmolLM2 CUDA build not in the bundle")
+    assemble_smollm2_params(d)
     expect = json.loads((d / "expect.json").read_text())
     engine, _, _ = load_built(d / "cuda", device="cuda", max_seq_len=expect["ctx"])
-    tokens = list(engine.generate(expect["prompt"], GREEDY_TOKENS))
+    tokens = greedy_tokens(engine, expect["prompt"], GREEDY_TOKENS)
     ppl = engine.perplexity(expect["ppl_ids"], expect["ctx"])
     result = {"tokens": tokens, "ppl": ppl, "cpu_tokens": expect["tokens"], "cpu_ppl": expect["ppl"],
               "ppl_rel_diff": abs(ppl - expect["ppl"]) / expect["ppl"]}
@@ -240,6 +252,18 @@ def test_gpu_smollm2_w8a8_matches_cpu_build():
 
 # =============================================================================================
 # make-gpu-bundle: the builds, and the CPU builds' expected outputs, for the GPU tests
+
+
+def greedy_tokens(engine, prompt, n: int):
+    """n greedy tokens after a fresh prefill of prompt, not stopping at eos (the comparison is of
+    the model's next-token choice at every step, not of where a chat would end)."""
+    engine.reset()
+    logits = engine.prefill(prompt)[-1]
+    out = []
+    for _ in range(n):
+        out.append(int(np.argmax(logits)))
+        logits = engine.decode(out[-1])
+    return out
 
 
 def _needed_rows(*id_lists) -> np.ndarray:
@@ -270,22 +294,48 @@ def make_tiny(out: Path) -> None:
             assert cli(["build", *common, "--target", "cuda", "--output", str(d / "cuda_src")]) == 0
         finally:
             del os.environ["MLC_QUANT_CUDA_SOURCE"]
-    engine, _, _ = load_built(d / "cpu")
-    prompt = [5, 17, 33, 101, 7, 250, 3]
-    np.save(d / "cpu_logits.npy", engine.prefill(prompt))
-    tokens = list(engine.generate(prompt, 12))
-    (d / "expect.json").write_text(json.dumps({"prompt": prompt, "tokens": tokens}))
+        engine, _, _ = load_built(d / "cpu")
+        prompt = [5, 17, 33, 101, 7, 250, 3]
+        np.save(d / "cpu_logits.npy", engine.prefill(prompt))
+        tokens = list(engine.generate(prompt, 12))
+        (d / "expect.json").write_text(json.dumps({"prompt": prompt, "tokens": tokens}))
+        np.save(d / "cpu_fp16_logits.npy", cpu_fp16_logits(model, prompt, common))
     shutil.rmtree(d / "cpu")
 
 
-def make_smollm2(out: Path, cpu_build: Path, cuda_build: Path, ctx: int = 512, windows: int = 4,
-                 prompt: str = "The capital of France is") -> None:
-    """SmolLM2: the CPU build's greedy tokens and perplexity; the CUDA build without its params,
-    which are written xz-compressed as params.safetensors.xz (the GPU run decompresses them).
+def cpu_fp16_logits(model: str, prompt, build_args) -> np.ndarray:
+    """Logits of the same W8A8 plan built for the CPU in fp16 (what the CUDA build computes,
+    up to kernel differences): calibration as scripts/build.py does it, then an fp16 llvm export."""
+    from mlc_quant import pipeline  # pylint: disable=import-outside-toplevel
+    from mlc_quant.build import BuildOptions, _calibrator  # pylint: disable=import-outside-toplevel
+    from mlc_quant.model.llama import export_model  # pylint: disable=import-outside-toplevel
+    from mlc_quant.model.loader import load_config, load_params_dict  # pylint: disable=import-outside-toplevel
+    from mlc_quant.model.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
+    from mlc_quant.runtime import Engine  # pylint: disable=import-outside-toplevel
+    from mlc_quant.schemes import get_scheme  # pylint: disable=import-outside-toplevel
 
-    The params file is the CUDA build's, except that rows of the fp16 embedding table that no
-    token of the test ever gathers are zeroed (they compress to nothing; the LM head is a
-    separate int8 weight, so no output changes)."""
+    a = dict(zip(build_args[::2], build_args[1::2]))
+    opts = BuildOptions(model=model, quantization=a["--quantization"], calib_samples=int(a["--calib-samples"]),
+                        calib_seq_len=int(a["--calib-seq-len"]), max_seq_len=int(a["--max-seq-len"]))
+    cfg = load_config(model)
+    params = load_params_dict(model, cfg, "float32")
+    mod, _ = export_model(cfg, "float32", "llvm")
+    res = pipeline.quantize_module(mod, params, get_scheme(opts.quantization),
+                                   _calibrator(opts, cfg, params, load_tokenizer(model)))
+    mod16, _ = export_model(cfg, "float16", "llvm")
+    qp = {k: v.astype(np.float16) if v.dtype == np.float32 and not k.endswith(".scale") else v
+          for k, v in res.params.items()}
+    engine = Engine(pipeline.build(res.plan.apply(mod16), "llvm"), qp, max_seq_len=64, vocab_size=cfg.vocab_size)
+    return engine.prefill(prompt)
+
+
+def make_smollm2(out: Path, cpu_build: Path, cuda_build: Path, ctx: int = 512, windows: int = 4,
+                 prompt: str = "Once upon a time, in a small village by the sea, there lived") -> None:
+    """SmolLM2: the CPU build's greedy tokens and perplexity (expect.json), and the CUDA build
+    without its params, which travel as ``rest.safetensors.xz`` (every param but the fp16
+    embedding table) + ``emb_rows.npz`` (the embedding rows the test's tokens gather; the others
+    are zero on the GPU: the LM head is a separate int8 weight, so no output depends on them).
+    The GPU machine takes at most 64 MiB a call, the build's params are 194 MB."""
     import lzma  # pylint: disable=import-outside-toplevel
 
     from mlc_quant import artifact  # pylint: disable=import-outside-toplevel
@@ -295,7 +345,7 @@ def make_smollm2(out: Path, cpu_build: Path, cuda_build: Path, ctx: int = 512, w
     d.mkdir(parents=True, exist_ok=True)
     engine, tok, _ = load_built(cpu_build, max_seq_len=ctx)
     prompt_ids = tok.encode(prompt)
-    tokens = list(engine.generate(prompt_ids, GREEDY_TOKENS))
+    tokens = greedy_tokens(engine, prompt_ids, GREEDY_TOKENS)
     ppl_ids = tok.encode(read_text("britannica"))[: ctx * windows]
     ppl = engine.perplexity(ppl_ids, ctx)
     expect = {"prompt_text": prompt, "prompt": prompt_ids, "tokens": tokens, "text": tok.decode(tokens),
@@ -307,15 +357,36 @@ def make_smollm2(out: Path, cpu_build: Path, cuda_build: Path, ctx: int = 512, w
         shutil.rmtree(dst)
     shutil.copytree(cuda_build, dst, ignore=shutil.ignore_patterns(artifact.PARAMS_FILE))
     params = dict(artifact.load_safetensors(Path(cuda_build) / artifact.PARAMS_FILE))
+    emb = params.pop(EMBED)
     rows = _needed_rows(prompt_ids, tokens, ppl_ids)
-    emb = np.zeros_like(params["model_embed_tokens_weight"])
-    emb[rows] = params["model_embed_tokens_weight"][rows]
-    params["model_embed_tokens_weight"] = emb
-    tmp = d / "params.tmp.safetensors"
-    artifact.save_safetensors(tmp, params, metadata={"format": "mlc-quant", "note": "unused embedding rows zeroed"})
-    with open(tmp, "rb") as f, lzma.open(d / "params.safetensors.xz", "wb", preset=6) as g:
-        shutil.copyfileobj(f, g, 1 << 24)
-    tmp.unlink()
+    np.savez(d / "emb_rows.npz", rows=rows, values=np.asarray(emb[rows]), shape=np.array(emb.shape))
+    rest = d / "rest.safetensors.xz"
+    if not rest.is_file():
+        tmp = d / "rest.tmp.safetensors"
+        artifact.save_safetensors(tmp, params)
+        with open(tmp, "rb") as f, lzma.open(rest, "wb", preset=6) as g:
+            shutil.copyfileobj(f, g, 1 << 24)
+        tmp.unlink()
+
+
+EMBED = "model_embed_tokens_weight"
+
+
+def assemble_smollm2_params(d: Path) -> Path:
+    """On the GPU machine: params.safetensors of the CUDA build from rest.safetensors (already
+    decompressed) and emb_rows.npz."""
+    from mlc_quant import artifact  # pylint: disable=import-outside-toplevel
+
+    target = d / "cuda" / artifact.PARAMS_FILE
+    if target.is_file():
+        return target
+    params = dict(artifact.load_safetensors(d / "rest.safetensors"))
+    e = np.load(d / "emb_rows.npz")
+    emb = np.zeros(tuple(e["shape"]), e["values"].dtype)
+    emb[e["rows"]] = e["values"]
+    params[EMBED] = emb
+    artifact.save_safetensors(target, params)
+    return target
 
 
 if __name__ == "__main__":
