@@ -48,31 +48,7 @@ def hadamard_primfunc(k: int, m: int, target_kind: str = "llvm") -> tirx.PrimFun
         raise ValueError(f"hadamard kernel: {k} is not {m} x a power of two")
     log_p = p.bit_length() - 1
     if target_kind == "llvm":
-        @T.prim_func(private=True)
-        def hadamard_cpu(x_h: T.handle, hm_h: T.handle, y_h: T.handle):
-            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-            rows = T.int64()
-            X = T.match_buffer(x_h, (rows, k), "float32")
-            Hm = T.match_buffer(hm_h, (m, m), "float32")
-            Y = T.match_buffer(y_h, (rows, k), "float32")
-            for r in T.parallel(rows):
-                for a in range(m):  # dense m x m step, reading X, writing Y
-                    for b in range(p):
-                        Y[r, a * p + b] = T.float32(0)
-                    for c in range(m):
-                        for b in range(p):
-                            Y[r, a * p + b] = Y[r, a * p + b] + Hm[a, c] * X[r, c * p + b]
-                for s in range(log_p):  # in-place butterflies on each p-block
-                    for a in range(m):
-                        for blk in range(T.shift_right(p, s + 1)):
-                            for t in range(T.shift_left(1, s)):
-                                i0 = a * p + blk * T.shift_left(2, s) + t
-                                u = Y[r, i0]
-                                v = Y[r, i0 + T.shift_left(1, s)]
-                                Y[r, i0] = u + v
-                                Y[r, i0 + T.shift_left(1, s)] = u - v
-
-        return hadamard_cpu
+        return tvm.script.from_source(_cpu_source(k, m))
     if target_kind == "cuda":
         nt = _CUDA_THREADS
 
@@ -105,6 +81,75 @@ def hadamard_primfunc(k: int, m: int, target_kind: str = "llvm") -> tirx.PrimFun
 
         return hadamard_cuda
     raise ValueError(f"online Hadamard kernel: unsupported target kind {target_kind!r} (llvm or cuda)")
+
+
+def _vec_loop(indent: str, var: str, extent: int, lanes: int = 16) -> Tuple[str, str]:
+    """Loop header(s) over ``var`` in [0, extent) with a vectorized inner part; (code, index expr)."""
+    v = min(extent, lanes)
+    if v == extent:
+        return f"{indent}for {var} in T.vectorized({extent}):\n", var
+    return (f"{indent}for {var}_o in range({extent // v}):\n{indent}    for {var}_i in T.vectorized({v}):\n",
+            f"({var}_o * {v} + {var}_i)")
+
+
+def _cpu_source(k: int, m: int) -> str:
+    """TVMScript of the CPU kernel, generated so every stage has constant strides (vectorizable):
+    the dense m x m step, an 8-point WHT per chunk of 8 (stages h = 1, 2, 4, in registers), then
+    one vectorized loop per remaining stage h = 8 .. p/2 (blocks of 2h never straddle p-blocks)."""
+    p = k // m
+    lines = [
+        "@T.prim_func(private=True)",
+        "def hadamard_cpu(x_h: T.handle, hm_h: T.handle, y_h: T.handle):",
+        '    T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})',
+        "    rows = T.int64()",
+        f'    X = T.match_buffer(x_h, (rows, {k}), "float32")',
+        f'    Hm = T.match_buffer(hm_h, ({m}, {m}), "float32")',
+        f'    Y = T.match_buffer(y_h, (rows, {k}), "float32")',
+        "    for r in T.parallel(rows):",
+    ]
+    ind = " " * 8
+    if m == 1:
+        head, b = _vec_loop(ind, "b", p)
+        lines.append(head.rstrip("\n"))
+        lines.append(f"{ind}{'    ' * head.count(chr(10))}Y[r, {b}] = Hm[0, 0] * X[r, {b}]")
+    else:
+        lines.append(f"{ind}for a in range({m}):")
+        head, b = _vec_loop(ind + "    ", "b", p)
+        body = ind + "    " + "    " * head.count("\n")
+        lines += [head.rstrip("\n"), f"{body}Y[r, a * {p} + {b}] = T.float32(0)"]
+        lines.append(f"{ind}    for c in range({m}):")
+        head, b = _vec_loop(ind + "        ", "b", p)
+        body = ind + "        " + "    " * head.count("\n")
+        lines += [head.rstrip("\n"),
+                  f"{body}Y[r, a * {p} + {b}] = Y[r, a * {p} + {b}] + Hm[a, c] * X[r, c * {p} + {b}]"]
+    h = 1
+    if p >= 8:  # stages 1, 2, 4 on 8 values at a time, in a local (register) buffer
+        lines.append(f"{ind}for c8 in range({k // 8}):")
+        e = ind + "    "
+        lines.append(f'{e}w = T.alloc_buffer((8,), "float32", scope="local")')
+        lines += [f"{e}w[{i}] = Y[r, c8 * 8 + {i}]" for i in range(8)]
+        for hh in (1, 2, 4):
+            for i in range(8):
+                if i & hh == 0:
+                    lines += [f"{e}tmp{hh}_{i}: T.float32 = w[{i}]",
+                              f"{e}w[{i}] = tmp{hh}_{i} + w[{i + hh}]",
+                              f"{e}w[{i + hh}] = tmp{hh}_{i} - w[{i + hh}]"]
+        lines += [f"{e}Y[r, c8 * 8 + {i}] = w[{i}]" for i in range(8)]
+        h = 8
+    while h < p:  # (vectorized loops must not hold Let bindings here: TVM mis-vectorizes them)
+        v = min(h, 16)
+        e = ind + "        "
+        lines += [f"{ind}for blk in range({k // (2 * h)}):",
+                  f"{ind}    for t_o in range({h // v}):",
+                  f'{e}w{h} = T.alloc_buffer((2, {v}), "float32", scope="local")',
+                  f"{e}for t in T.vectorized({v}):",
+                  f"{e}    w{h}[0, t] = Y[r, blk * {2 * h} + t_o * {v} + t]",
+                  f"{e}    w{h}[1, t] = Y[r, blk * {2 * h} + t_o * {v} + t + {h}]",
+                  f"{e}for t in T.vectorized({v}):",
+                  f"{e}    Y[r, blk * {2 * h} + t_o * {v} + t] = w{h}[0, t] + w{h}[1, t]",
+                  f"{e}    Y[r, blk * {2 * h} + t_o * {v} + t + {h}] = w{h}[0, t] - w{h}[1, t]"]
+        h *= 2
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- the pass
