@@ -594,7 +594,11 @@ def dispatch_gemms(mod: tvm.IRModule, *, strict: bool = False, attach_kernels: b
         1 for _, f in mod.functions_items() if isinstance(f, relax.Function) and f.attrs and "Codegen" in f.attrs
     )
     mod = relax.transform.RunCodegen()(mod)
-    if attach_kernels and n_offloaded:
+    from .model.flash_prefill import uses_flash_prefill  # pylint: disable=import-outside-toplevel
+
+    # The KV cache's flash prefill attention (an ExternFunc looked up in the library) lives in the
+    # same kernel objects.
+    if attach_kernels and (n_offloaded or uses_flash_prefill(mod)):
         ext = list(mod.attrs["external_mods"]) if mod.attrs and "external_mods" in mod.attrs else []
         mod = mod.with_attr("external_mods", ext + kernel_modules(kernel_dir))
     left = _leftover_matmuls(mod)

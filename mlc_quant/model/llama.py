@@ -16,6 +16,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedK
 from tvm.target import Target
 
 from .config import LlamaConfig
+from .flash_prefill import FlashPrefillKVCache, resolve_prefill_attention
 
 # pylint: disable=missing-function-docstring,too-few-public-methods
 
@@ -83,7 +84,8 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):  # pylint: disable=too-many-instance-attributes
     """Decoder + LM head. Methods exported: prefill, decode, create_paged_kv_cache."""
 
-    def __init__(self, cfg: LlamaConfig, dtype: str = "float32", target: str | Target = "llvm"):
+    def __init__(self, cfg: LlamaConfig, dtype: str = "float32", target: str | Target = "llvm",
+                 prefill_attention: str | None = None):
         self.config = cfg
         self.model = LlamaModel(cfg)
         if not cfg.tie_word_embeddings:
@@ -91,6 +93,11 @@ class LlamaForCausalLM(nn.Module):  # pylint: disable=too-many-instance-attribut
         self.dtype = dtype
         # The KV cache picks its attention kernels (CPU or GPU TIR) from the target.
         self.target = Target(target) if isinstance(target, (str, dict)) else target
+        # Ragged prefill attention: "flash" = mlc_quant's tensor-core kernel (CUDA fp16, head_dim
+        # 64/128; model/flash_prefill.py), "tir" = TVM's. None: $MLC_QUANT_PREFILL_ATTENTION or auto.
+        self.prefill_attention = resolve_prefill_attention(
+            prefill_attention, self.target, dtype, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        )
         self.to(dtype)
 
     def _logits(self, hidden: Tensor) -> Tensor:
@@ -117,7 +124,8 @@ class LlamaForCausalLM(nn.Module):  # pylint: disable=too-many-instance-attribut
         page_size: tirx.Var,
     ) -> PagedKVCache:
         cfg = self.config
-        return TIRPagedKVCache(
+        cache_cls = FlashPrefillKVCache if self.prefill_attention == "flash" else TIRPagedKVCache
+        return cache_cls(
             attn_kind="mha",
             max_batch_size=max_batch_size,
             max_total_seq_len=max_total_seq_len,
@@ -185,14 +193,16 @@ def ir_param_name(hf_name: str) -> str:
 
 
 def export_model(
-    config: LlamaConfig, dtype: str = "float32", target: str | Target = "llvm"
+    config: LlamaConfig, dtype: str = "float32", target: str | Target = "llvm",
+    prefill_attention: str | None = None,
 ) -> tuple[IRModule, list[str]]:
     """Export the model to Relax.
 
     Returns the IRModule (weights are parameters of `prefill`/`decode` after their
     `num_input` inputs) and the weights' relax.Var names in that parameter order.
+    `prefill_attention`: "auto" (default), "flash" or "tir", see model/flash_prefill.py.
     """
-    model = LlamaForCausalLM(config, dtype=dtype, target=target)
+    model = LlamaForCausalLM(config, dtype=dtype, target=target, prefill_attention=prefill_attention)
     mod, named_params = model.export_tvm(spec=model.get_default_spec())
     names = [ir_param_name(name) for name, _ in named_params]
     for fn, n_in in MODEL_FUNCTIONS.items():
