@@ -36,7 +36,7 @@ _CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
 def save_safetensors(path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
     header, offset, arrays = {}, 0, []
     for name, arr in tensors.items():
-        arr = np.ascontiguousarray(arr)
+        arr = np.ascontiguousarray(arr).reshape(np.shape(arr))  # ascontiguousarray makes a 0-d array 1-d
         if arr.dtype not in _CODES:
             raise TypeError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors here")
         arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)

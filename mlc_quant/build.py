@@ -10,12 +10,12 @@ import logging
 import resource
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import tvm
 
-from mlc_quant import artifact, autoround, pipeline, rotation
+from mlc_quant import alpha_search, artifact, autoround, pipeline, rotation
 from mlc_quant.calibration import stat_names
 from mlc_quant.datasets import calibration_samples
 from mlc_quant.observers import ChannelStatsObserver
@@ -30,7 +30,9 @@ class BuildOptions:
     model: str = "smollm2"
     quantization: str = "smq_q8i8f16_2"
     output: str = ""
-    alpha: float = 0.5
+    alpha: Union[float, str] = 0.5  # a float, "search" (per-group grid search) or a config/JSON of group alphas
+    alpha_grid: Tuple[float, ...] = alpha_search.DEFAULT_GRID  # the grid of --alpha search
+    alpha_rows: int = 256  # calibration rows per linear input the search keeps
     smooth: bool = True
     max_seq_len: int = 2048
     dataset: str = "dummy"
@@ -95,8 +97,27 @@ def _calibrator(opts: BuildOptions, config, params: Dict[str, np.ndarray], token
     return calibrate
 
 
-def build_model(opts: BuildOptions) -> str:
-    """Build ``opts.model`` with ``opts.quantization`` into ``opts.output``; returns the path."""
+def _capturer(opts: BuildOptions, config, tokenizer) -> Callable:
+    """capture(mod, params): sampled linear inputs on the calibration data (for --alpha search)."""
+    from mlc_quant.capture import capture_activations
+
+    def capture(mod: tvm.IRModule, params: Dict[str, np.ndarray]):
+        samples = calibration_samples(opts.dataset, tokenizer, config.vocab_size, opts.calib_samples,
+                                      opts.calib_seq_len, seed=opts.seed)
+        return capture_activations(mod, params, samples, opts.calib_samples, max_rows=opts.alpha_rows,
+                                   seed=opts.seed, max_seq_len=opts.calib_seq_len, vocab_size=config.vocab_size)
+
+    return capture
+
+
+def build_model(opts: BuildOptions, on_quantized: Optional[Callable] = None,
+                capture: Optional[Callable] = None) -> str:
+    """Build ``opts.model`` with ``opts.quantization`` into ``opts.output``; returns the path.
+
+    ``on_quantized(result: pipeline.QuantizeResult)`` is called once the model is quantized (the
+    observatory measures per-layer errors there); ``capture(mod, params)`` replaces the
+    activation capture of ``--alpha search`` (the observatory passes the one it already has).
+    """
     from mlc_quant.model.llama import export_model
     from mlc_quant.model.loader import load_config, load_params_dict, resolve_model
     from mlc_quant.model.tokenizer import load_tokenizer, save_tokenizer
@@ -117,6 +138,9 @@ def build_model(opts: BuildOptions) -> str:
     if opts.max_seq_len < 1 or opts.calib_seq_len > config.max_position_embeddings:
         raise ValueError(f"--calib-seq-len={opts.calib_seq_len} must be at most the model's "
                          f"{config.max_position_embeddings}")
+    alpha_spec = alpha_search.resolve_alpha(opts.alpha, capture=lambda *a: None)  # bad --alpha fails early
+    if isinstance(alpha_spec, float) and not 0.0 <= alpha_spec <= 1.0:
+        raise ValueError(f"--alpha must be in [0, 1], 'search' or a config with group alphas, got {opts.alpha}")
     # Refuse an existing output before any heavy work.
     with artifact.atomic_output_dir(opts.output, opts.overwrite) as tmp:
         tokenizer = load_tokenizer(path)
@@ -128,9 +152,13 @@ def build_model(opts: BuildOptions) -> str:
         if rounding == "autoround":
             quantize_weights = autoround.build_quantizer(config, tokenizer, opts.dataset, opts.autoround_preset,
                                                          opts.seed)
+        if isinstance(alpha_spec, alpha_search.AlphaSearch):
+            alpha_spec = alpha_search.AlphaSearch(capture or _capturer(opts, config, tokenizer), opts.alpha_grid)
         result = pipeline.quantize_module(mod, params, scheme, _calibrator(opts, config, params, tokenizer),
-                                          alpha=opts.alpha, smooth=opts.smooth and scheme.act != "none",
+                                          alpha=alpha_spec, smooth=opts.smooth and scheme.act != "none",
                                           quantize_weights=quantize_weights)
+        if on_quantized is not None:
+            on_quantized(result)
         result.summary["weight_rounding"] = rounding
         if rounding == "autoround":
             result.summary["autoround"] = quantize_weights.report

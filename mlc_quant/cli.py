@@ -1,4 +1,4 @@
-"""``mlc-quant`` command line: build, generate, ppl, bench."""
+"""``mlc-quant`` command line: build, generate, ppl, eval, bench."""
 from __future__ import annotations
 
 import argparse
@@ -25,7 +25,11 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
                    help="bundled name (smollm2), a .gguf file, or a Hugging Face folder (config.json + safetensors)")
     p.add_argument("--quantization", default="smq_q8i8f16_2", choices=schemes, metavar="SCHEME",
                    help=f"one of: {', '.join(schemes or ['(needs the full TVM)'])} (default: smq_q8i8f16_2)")
-    p.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength in [0, 1] (default 0.5)")
+    p.add_argument("--alpha", default="0.5",
+                   help="SmoothQuant migration strength: a number in [0, 1] (default 0.5), 'search' (per smoothing "
+                        "group, grid minimising the group's output MSE; docs/accuracy.md), or an "
+                        "mlc-quant-config.json (or build dir) whose per-group alphas to reuse")
+    p.add_argument("--alpha-grid", default="0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="alphas tried by --alpha search")
     p.add_argument("--no-smooth", dest="smooth", action="store_false", help="naive W8A8 (no smoothing)")
     p.add_argument("--max-seq-len", type=int, default=2048, help="longest sequence the built model serves")
     p.add_argument("--dataset", default="dummy",
@@ -51,6 +55,12 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
                         "128 x 2048 tokens, batch 8; GPU)")
 
 
+def _grid(spec):
+    from mlc_quant.alpha_search import parse_grid
+
+    return parse_grid(spec)
+
+
 def cmd_build(args) -> int:
     import os
 
@@ -63,7 +73,7 @@ def cmd_build(args) -> int:
                         calib_decode_steps=args.calib_decode_steps, target=args.target,
                         overwrite=args.overwrite, seed=args.seed, rotation=args.rotation,
                         rotation_kind=args.rotation_kind, weight_rounding=args.weight_rounding,
-                        autoround_preset=args.autoround_preset)
+                        autoround_preset=args.autoround_preset, alpha_grid=_grid(args.alpha_grid))
     build_model(opts)
     print(f"wrote {output}")
     return 0
@@ -96,14 +106,10 @@ def cmd_generate(args) -> int:
 
 
 def cmd_ppl(args) -> int:
-    from mlc_quant.runner import load_built, read_text
+    from mlc_quant.runner import perplexity_of_build
 
-    engine, tokenizer, _ = load_built(args.dir, device=args.device, max_seq_len=args.ctx)
-    ids = tokenizer.encode(read_text(args.text))
-    if args.max_windows:
-        ids = ids[: args.ctx * args.max_windows]
-    value = engine.perplexity(ids, args.ctx)
-    print(f"windows: {max(len(ids) // args.ctx, 1)} x {args.ctx} tokens")
+    value, windows = perplexity_of_build(args.dir, args.text, args.ctx, args.max_windows, args.device)
+    print(f"windows: {windows} x {args.ctx} tokens")
     print(f"perplexity: {value:.4f}")
     return 0
 
@@ -131,6 +137,11 @@ def main(argv=None) -> int:
     q.add_argument("--max-windows", type=int, default=0, help="evaluate only the first N windows (0 = all)")
     q.add_argument("--device", default="cpu", help="cpu or cuda")
     q.set_defaults(func=cmd_ppl)
+    ev = sub.add_parser("eval", help="quantization observatory: perplexity and per-layer error per scheme, figures")
+    from mlc_quant import observatory as _observatory  # numpy only at import
+
+    _observatory.add_args(ev)
+    ev.set_defaults(func=_observatory.main)
     bn = sub.add_parser("bench", help="end-to-end GPU speed: build here, run on the GPU (docs/performance.md)")
     from mlc_quant import bench as _bench  # numpy only at import: fine on a runtime-only machine
 

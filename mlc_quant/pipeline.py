@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import tvm
@@ -19,7 +19,7 @@ from mlc_quant.observers import ChannelStatsObserver
 from mlc_quant.passes import AnnotateLinear, CollectStats, QuantizeLinear, SmoothLinear, module_linears
 from mlc_quant.passes.smooth_linear import find_smoothing_groups
 from mlc_quant.schemes import QuantScheme, get_scheme
-from mlc_quant.smoothing import linear_weight_nk, plan_smoothing, smooth_params
+from mlc_quant.smoothing import group_key, linear_weight_nk, plan_smoothing, smooth_params
 
 log = logging.getLogger("mlc_quant")
 
@@ -28,6 +28,10 @@ Calibrator = Callable[[IRModule, List[str]], ChannelStatsObserver]
 # quantize_weights(float params after smoothing, {linear: LinearSite}, plan) -> the params of every
 # linear that the scheme's weight_param_specs name. Default: round-to-nearest (rtn_weights).
 WeightQuantizer = Callable[[Dict[str, np.ndarray], Dict, "IRPlan"], Dict[str, np.ndarray]]
+# alpha_search(annotated float module, smoothing groups, observer, float params, layouts, scheme)
+# -> {group_key: alpha}; may carry a ``report`` dict for the summary (mlc_quant.alpha_search).
+AlphaSearch = Callable[..., Dict[str, float]]
+Alpha = Union[float, Mapping[str, float], AlphaSearch]
 
 
 @dataclass
@@ -53,6 +57,7 @@ class QuantizeResult:
     stats: Optional[ChannelStatsObserver]
     plan: IRPlan
     summary: Dict = field(default_factory=dict)  # what was done, for mlc-quant-config.json
+    inv_scales: Dict[str, np.ndarray] = field(default_factory=dict)  # 1/s of every smoothed linear's input
 
 
 def annotate(mod: IRModule, params: Mapping[str, np.ndarray]) -> IRModule:
@@ -79,17 +84,22 @@ def rtn_weights(params: Dict[str, np.ndarray], sites: Dict, plan: "IRPlan") -> D
 
 
 def quantize_module(mod: IRModule, params: Mapping[str, np.ndarray], scheme: str | QuantScheme,
-                    calibrate: Calibrator, alpha: float = 0.5, smooth: bool = True,
+                    calibrate: Calibrator, alpha: Alpha = 0.5, smooth: bool = True,
                     func_names: Optional[Sequence[str]] = None,
                     quantize_weights: WeightQuantizer = rtn_weights) -> QuantizeResult:
+    """``alpha``: SmoothQuant migration strength: one float for every smoothing group, a mapping
+    ``{group_key: alpha}`` (per group, as stored in mlc-quant-config.json), or a callable that
+    searches per-group alphas once calibration statistics exist (``mlc_quant.alpha_search``)."""
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1] (SmoothQuant migration strength), got {alpha}")
+    per_group = isinstance(alpha, Mapping) or callable(alpha)
+    for a in (alpha.values() if isinstance(alpha, Mapping) else [] if callable(alpha) else [alpha]):
+        if not 0.0 <= float(a) <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1] (SmoothQuant migration strength), got {a}")
     mod = annotate(mod, params)
     sites = {s.name: s for ss in module_linears(mod).values() for s in ss}
     funcs = list(func_names) if func_names else list(module_linears(mod))
-    summary = {"scheme": scheme.name, "alpha": alpha, "smooth": bool(smooth and scheme.quantizes),
-               "linears": len(sites)}
+    summary = {"scheme": scheme.name, "alpha": ("search" if callable(alpha) else "per-group") if per_group else alpha,
+               "smooth": bool(smooth and scheme.quantizes), "linears": len(sites)}
     plan = IRPlan(scheme, list(params))
     if not scheme.quantizes:
         return QuantizeResult(mod, dict(params), None, plan, summary)
@@ -109,6 +119,13 @@ def quantize_module(mod: IRModule, params: Mapping[str, np.ndarray], scheme: str
     inv_scale: Dict[str, np.ndarray] = {}
     if smooth:
         groups = find_smoothing_groups(mod)
+        if callable(alpha):
+            searcher, alpha = alpha, alpha(mod, groups, observer, params, layouts, scheme)
+            if getattr(searcher, "report", None):
+                summary["alpha_search"] = searcher.report
+        if isinstance(alpha, Mapping):
+            summary["group_alphas"] = {group_key(g.linears): float(alpha[group_key(g.linears)])
+                                       for g in groups if g.fold != "skip" and group_key(g.linears) in alpha}
         factors = plan_smoothing(groups, observer.as_dict(), params, layouts, alpha)
         params = smooth_params(dict(params), groups, factors, layouts)
         for g in groups:
@@ -130,7 +147,7 @@ def quantize_module(mod: IRModule, params: Mapping[str, np.ndarray], scheme: str
     qparams = {k: v for k, v in qparams.items() if k in used}
     if plan.act_qparams:
         summary["activation_scales"] = {n: [a.scale, a.zero_point] for n, a in plan.act_qparams.items()}
-    return QuantizeResult(mod, qparams, observer, plan, summary)
+    return QuantizeResult(mod, qparams, observer, plan, summary, inv_scale)
 
 
 def bind_params(mod: IRModule, params: Mapping[str, np.ndarray]) -> IRModule:

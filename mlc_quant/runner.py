@@ -44,6 +44,16 @@ def load_built(build_dir, device: str = "cpu", max_seq_len: Optional[int] = None
     return engine, _tokenizer(build_dir), cfg
 
 
+def perplexity_of_build(build_dir, text: str, ctx: int, max_windows: int = 0, device: str = "cpu"):
+    """``mlc-quant ppl``: (perplexity, windows) of a build over a text (a file or ``britannica``),
+    non-overlapping windows of ``ctx`` tokens, the first ``max_windows`` of them (0 = all)."""
+    engine, tokenizer, _ = load_built(build_dir, device=device, max_seq_len=ctx)
+    ids = tokenizer.encode(read_text(text))
+    if max_windows:
+        ids = ids[: ctx * max_windows]
+    return engine.perplexity(ids, ctx), max(len(ids) // ctx, 1)
+
+
 def _tokenizer(build_dir):
     from transformers import AutoTokenizer
 

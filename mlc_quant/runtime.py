@@ -115,7 +115,8 @@ class Engine:  # pylint: disable=too-many-instance-attributes
     def _to_device(self, v):
         if isinstance(v, tvm.runtime.Tensor):
             return v if v.device == self.device else v.copyto(self.device)
-        return tvm.runtime.tensor(np.ascontiguousarray(v), self.device)
+        # (ascontiguousarray alone turns a 0-d array, e.g. a per-tensor scale, into shape [1])
+        return tvm.runtime.tensor(np.ascontiguousarray(v).reshape(np.shape(v)), self.device)
 
     def _infer_vocab_size(self) -> int | None:
         # Output width of the LM head, from the weights the functions take by name.

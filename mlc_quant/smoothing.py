@@ -1,7 +1,7 @@
 """SmoothQuant factors and the params transform that goes with the SmoothLinear pass."""
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Tuple, Union
 
 import numpy as np
 
@@ -34,16 +34,37 @@ def smoothing_factors(act_absmax: np.ndarray, weights_nk: List[np.ndarray], alph
     return np.clip(s, _S_MIN, _S_MAX)
 
 
+def group_key(linears: Tuple[str, ...]) -> str:
+    """A smoothing group's name in ``mlc-quant-config.json``: its linears, sorted, comma-joined."""
+    return ",".join(sorted(linears))
+
+
+def group_alpha(alpha: Union[float, Mapping[str, float]], linears: Tuple[str, ...]) -> float:
+    """The alpha of one group: a global float, or a per-group mapping keyed by :func:`group_key`."""
+    if isinstance(alpha, Mapping):
+        key = group_key(linears)
+        if key not in alpha:
+            raise ValueError(f"per-group alphas lack smoothing group {key!r} (a config of another model or "
+                             f"rotation?); it has {len(alpha)} groups")
+        return float(alpha[key])
+    return float(alpha)
+
+
 def plan_smoothing(groups: List[SmoothGroup], stats: Mapping[str, Dict[str, np.ndarray]],
-                   params: Mapping[str, np.ndarray], layouts: Mapping[str, bool], alpha: float
-                   ) -> Dict[Tuple[str, ...], np.ndarray]:
-    """Smoothing factor of every group that can be smoothed (``skip`` groups are left out)."""
+                   params: Mapping[str, np.ndarray], layouts: Mapping[str, bool],
+                   alpha: Union[float, Mapping[str, float]]) -> Dict[Tuple[str, ...], np.ndarray]:
+    """Smoothing factor of every group that can be smoothed (``skip`` groups are left out).
+
+    ``alpha``: one migration strength for every group, or one per group (``{group_key: alpha}``,
+    e.g. from :mod:`mlc_quant.alpha_search`).
+    """
     factors = {}
     for g in groups:
         if g.fold == "skip":
             continue
         act = np.max(np.stack([stats[n]["absmax"] for n in g.linears]), axis=0)
-        factors[g.linears] = smoothing_factors(act, [linear_weight_nk(params[n], layouts[n]) for n in g.linears], alpha)
+        factors[g.linears] = smoothing_factors(act, [linear_weight_nk(params[n], layouts[n]) for n in g.linears],
+                                               group_alpha(alpha, g.linears))
     return factors
 
 
