@@ -31,6 +31,10 @@
 #include <cstdint>
 
 namespace mlcq_attn {
+// Internal linkage throughout: every model library links its own copy of this file, and a
+// template's function-local static with external linkage would be one (GNU unique) object shared
+// by all loaded libraries, so a second library would skip its own cudaFuncSetAttribute.
+namespace {
 
 constexpr int kBlockM = 64;
 constexpr int kBlockN = 64;
@@ -337,12 +341,20 @@ void CheckIndptr(const TensorView& t, const char* what) {
   }
 }
 
+constexpr int kMaxDevices = 64;
+
 template <int D>
-void Launch(const Params& p, int heads, int64_t max_blocks, cudaStream_t stream) {
-  static bool configured = false;  // per device in principle; the attribute is a per-function limit
-  if (!configured) {
-    cudaFuncSetAttribute(PrefillRaggedKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg<D>::kSmemBytes);
-    configured = true;
+void Launch(const Params& p, int heads, int64_t max_blocks, int device, cudaStream_t stream) {
+  // > 48 KB of dynamic shared memory must be allowed once per kernel and device.
+  static bool configured[kMaxDevices] = {};
+  if (device < 0 || device >= kMaxDevices || !configured[device]) {
+    cudaError_t err = cudaFuncSetAttribute(PrefillRaggedKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           Cfg<D>::kSmemBytes);
+    if (err != cudaSuccess) {
+      TVM_FFI_THROW(RuntimeError) << "mlcq_attn_prefill_ragged: cudaFuncSetAttribute failed: "
+                                  << cudaGetErrorString(err);
+    }
+    if (device >= 0 && device < kMaxDevices) configured[device] = true;
   }
   dim3 grid(heads, static_cast<unsigned>(max_blocks));
   PrefillRaggedKernel<D><<<grid, kThreads, Cfg<D>::kSmemBytes, stream>>>(p);
@@ -414,9 +426,9 @@ void PrefillRagged(TensorView q, TensorView q_indptr, TensorView k, TensorView v
   }
   cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, q.device().device_id));
   if (d == 64) {
-    Launch<64>(p, static_cast<int>(hq), max_blocks, stream);
+    Launch<64>(p, static_cast<int>(hq), max_blocks, q.device().device_id, stream);
   } else {
-    Launch<128>(p, static_cast<int>(hq), max_blocks, stream);
+    Launch<128>(p, static_cast<int>(hq), max_blocks, q.device().device_id, stream);
   }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) {
@@ -424,6 +436,7 @@ void PrefillRagged(TensorView q, TensorView q_indptr, TensorView k, TensorView v
   }
 }
 
+}  // namespace
 }  // namespace mlcq_attn
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_attn_prefill_ragged, mlcq_attn::PrefillRagged);

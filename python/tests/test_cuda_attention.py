@@ -362,6 +362,25 @@ def test_gpu_kernel_ragged_batch_noncausal_and_kv_offset(kernel, d):
     check(out, lse, *reference(q, k, v, qi, ki, True, d ** -0.5), f"mha d={d}")
 
 
+@needs_gpu
+@needs_bundle
+def test_gpu_kernel_in_two_loaded_libraries(kernel, tmp_path):
+    """Every model library links its own copy of the kernel; a second one loaded in the same
+    process must set up its own kernel (a shared function-local static once made it skip the
+    > 48 KB shared-memory opt-in: 'launch failed: invalid argument')."""
+    import shutil  # pylint: disable=import-outside-toplevel
+
+    import tvm_ffi  # pylint: disable=import-outside-toplevel
+
+    copy = tmp_path / "libmlc_quant_kernels_copy.so"
+    shutil.copyfile(_bundle() / "libmlc_quant_kernels.so", copy)
+    second = tvm_ffi.load_module(str(copy))[KERNEL]
+    q, k, v, qi, ki = make_inputs([130], [130], 4, 2, 128, seed=5)
+    ref = reference(q, k, v, qi, ki, True, 0.09)
+    for fn in (kernel, second, kernel):
+        check(*run_kernel(fn, q, k, v, qi, ki, True, 0.09), *ref, "two libraries")
+
+
 def _tir_fn(name):
     import tvm  # pylint: disable=import-outside-toplevel
 
