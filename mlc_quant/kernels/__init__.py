@@ -1,5 +1,5 @@
-"""CUDA kernels of mlc_quant: W8A8 GEMMs with fused dequantize (CUTLASS sm90, cuBLASLt) and the
-fp16 GEMM of the q0f16 baseline, exposed as tvm-ffi functions.
+"""CUDA kernels of mlc_quant: W8A8 GEMMs with fused dequantize (CUTLASS sm90, cuBLASLt), the
+fp16 GEMM of the q0f16 baseline and the prefill attention, exposed as tvm-ffi functions.
 
 C++ sources live next to this file; :func:`build_kernels` compiles them with nvcc (no GPU
 needed) into PIC objects that a CUDA build links into its exported library.
@@ -14,6 +14,10 @@ Exported tvm-ffi functions (DPS: the output is the last argument):
 - ``mlcq_quantize(x, scale, zero, token_scale, q, row_sum)``: activation quantization alone.
 - ``mlcq_lt_probe_int8(M, N, K, out_kind, alpha_vector, device) -> int``: how many cuBLASLt
   algorithms exist for an int8 GEMM writing int8/fp16/bf16 (documents what cuBLASLt can fuse).
+- ``mlcq_attn_prefill_ragged(q, q_indptr, k, v, kv_indptr, q_rope_position, k_rope_pos_offset,
+  output, lse, causal, rotary_mode, rope_scale, rope_theta, sm_scale)``: tensor-core ragged prefill
+  attention with the signature of TVM's TIR ``batch_prefill_ragged_kv`` (attention.cu); the KV
+  cache of CUDA fp16 builds calls it (mlc_quant/model/flash_prefill.py).
 
 The C++ entry point for generated code is ``mlcq::RunLinear`` (mlcq_api.h); the BYOC wrappers of
 :mod:`mlc_quant.cuda_dispatch` call it. Kernel choice per shape is documented in
