@@ -64,14 +64,19 @@ def quantized_weight(scheme: QuantScheme, name: str, w_nk: np.ndarray, act: Opti
 
 
 def output_error(scheme: QuantScheme, x: np.ndarray, w_nk: np.ndarray, w_deq: np.ndarray,
-                 inv_s: Optional[np.ndarray], act: Optional[ActQParams]) -> Tuple[float, float]:
+                 inv_s: Optional[np.ndarray], act: Optional[ActQParams],
+                 out_scale: Optional[np.ndarray] = None) -> Tuple[float, float]:
     """``(||y_q - y||^2, ||y||^2)`` of one linear on rows ``x [M, K]`` (float64 sums).
 
     ``w_deq`` is the dequantized weight of the *smoothed* linear (``W * s`` quantized), ``inv_s``
-    the smoothing's ``1/s`` (None: not smoothed).
+    the smoothing's ``1/s`` (None: not smoothed). ``out_scale``: where a later group's ``1/s`` is
+    folded into this linear's output rows (SwiGLU's up_proj before down_proj), the reference is
+    the smoothed float linear, ``y * out_scale``.
     """
     x = np.asarray(x, dtype=np.float32)
     y = x @ np.asarray(w_nk, dtype=np.float32).T
+    if out_scale is not None:
+        y = y * np.asarray(out_scale, dtype=np.float32)[None, :]
     xs = x if inv_s is None else x * np.asarray(inv_s, dtype=np.float32)
     yq = quantize_act(scheme, xs, act) @ np.asarray(w_deq, dtype=np.float32).T
     d = (yq - y).astype(np.float64)
@@ -86,8 +91,12 @@ def relative_error(err_ref: Tuple[float, float]) -> float:
 
 def layer_errors(scheme: QuantScheme, captured, float_params: Mapping[str, np.ndarray],
                  layouts: Mapping[str, bool], qparams: Mapping[str, np.ndarray],
-                 inv_scales: Mapping[str, np.ndarray], act_qparams: Mapping[str, ActQParams]) -> Dict[str, float]:
-    """Relative output error of every quantized linear on the captured rows (``mlc_quant.capture``)."""
+                 inv_scales: Mapping[str, np.ndarray], act_qparams: Mapping[str, ActQParams],
+                 out_scales: Optional[Mapping[str, np.ndarray]] = None) -> Dict[str, float]:
+    """Relative output error of every quantized linear on the captured rows (``mlc_quant.capture``).
+
+    ``out_scales``: per linear, the ``1/s`` folded into its output rows (:func:`fold_out_scales`).
+    """
     from mlc_quant.smoothing import linear_weight_nk
 
     out = {}
@@ -98,5 +107,16 @@ def layer_errors(scheme: QuantScheme, captured, float_params: Mapping[str, np.nd
             w = linear_weight_nk(np.asarray(float_params[name], dtype=np.float32), layouts.get(name, True))
             act = act_qparams.get(name)
             w_deq = dequantize_weight(scheme, name, qparams, w.shape[1], act)
-            out[name] = relative_error(output_error(scheme, x, w, w_deq, inv_scales.get(name), act))
+            out[name] = relative_error(output_error(scheme, x, w, w_deq, inv_scales.get(name), act,
+                                                    (out_scales or {}).get(name)))
+    return out
+
+
+def fold_out_scales(groups, inv_scales: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """``{producer linear: 1/s}`` for every smoothing group whose ``1/s`` is folded into the rows of
+    the linear that produces its input (``fold == "linear"``)."""
+    out = {}
+    for g in groups:
+        if g.fold == "linear" and g.linears[0] in inv_scales:
+            out[g.fold_params[0]] = np.asarray(inv_scales[g.linears[0]])
     return out

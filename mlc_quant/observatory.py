@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import pathlib
 import re
+import shlex
 import shutil
 import sys
 import tempfile
@@ -112,8 +112,8 @@ class EvalOptions:
     keep_builds: bool = False  # keep every build under DIR/builds
     seed: int = 0
     autoround_preset: str = "fast"
-    command: str = field(default_factory=lambda: " ".join(os.path.basename(a) if i == 0 else a
-                                                          for i, a in enumerate(sys.argv)))
+    command: str = field(default_factory=lambda: "mlc-quant " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+                         if "eval" in sys.argv[1:] else "")
 
 
 def _check(opts: EvalOptions, config) -> List[SchemeSpec]:
@@ -270,6 +270,7 @@ def run_eval(opts: EvalOptions) -> Dict:
                     rotated.capture(opts, config, tokenizer)
             order = model.captured.linears()
             groups = find_smoothing_groups(plain.mod)
+            model_groups = groups if plain is model else find_smoothing_groups(model.mod)
 
             # 2. every scheme: build (errors measured inside), perplexity
             summaries, windows = {}, None
@@ -283,7 +284,7 @@ def run_eval(opts: EvalOptions) -> Dict:
                     if scheme.quantizes:
                         result["layer_error"][spec.label] = fakequant.layer_errors(
                             scheme, model.captured, model.params, model.layouts, res.params, res.inv_scales,
-                            res.plan.act_qparams)
+                            res.plan.act_qparams, fakequant.fold_out_scales(model_groups, res.inv_scales))
 
                 out = builds_dir / spec.dirname
                 build_model(BuildOptions(model=opts.model, quantization=spec.scheme, output=str(out),
