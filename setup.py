@@ -17,7 +17,8 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "llm": ["transformers>=4.45", "tokenizers>=0.20", "gguf>=0.10", "safetensors>=0.4", "datasets>=2.20"],
+        "llm": ["transformers>=4.45", "tokenizers>=0.20", "gguf>=0.10", "safetensors>=0.4", "datasets>=2.20",
+                "matplotlib>=3.7"],  # matplotlib: the figures of mlc-quant eval (Agg backend, no display)
         "test": ["pytest>=8"],
         # Headers (and libcublasLt) the CUDA kernels compile against (the Makefile installs them
         # with --no-deps); without them, mlc_quant.kernels fetches the same pinned wheels'
