@@ -268,6 +268,7 @@ def run_eval(opts: EvalOptions) -> Dict:
                 rotated = model if plot_rot == opts.rotation else _FloatModel(config, path, plot_rot, opts.seed)
                 if rotated.captured is None:
                     rotated.capture(opts, config, tokenizer)
+                    rotated.params, rotated.captured.rows = {}, {}  # only its abs-max is plotted
             order = model.captured.linears()
             groups = find_smoothing_groups(plain.mod)
             model_groups = groups if plain is model else find_smoothing_groups(model.mod)
