@@ -307,3 +307,27 @@ def test_eval_failure_midway_leaves_no_partial_dir(tiny_model, text_file, tmp_pa
         cli(["eval", "--model", tiny_model, "--schemes", "q0f32", "--text", text_file, "--ctx", str(CTX),
              "--out", str(tmp_path / "obs"), "--plot-rotation", "none", *CALIB])
     assert os.listdir(tmp_path) == []
+
+
+def test_fakequant_w4_dequantize_matches_the_group_quantizer():
+    from mlc_quant.fakequant import dequantize_weight
+    from mlc_quant.schemes import get_scheme
+    from mlc_quant.schemes_w4 import dequantize_groups_np
+
+    rng = np.random.default_rng(2)
+    scheme = get_scheme("q4f16_rtn")
+    w = rng.standard_normal((6, 200)).astype(np.float32)  # K not a multiple of the group (128)
+    q, scale, zp = scheme.quantize_groups(w)
+    np.testing.assert_array_equal(dequantize_weight(scheme, "x_weight", scheme.quantize_weight("x_weight", w, None), 200),
+                                  dequantize_groups_np(q, scale, zp, 200))
+    head = dequantize_weight(scheme, "lm_head_weight", scheme.quantize_weight("lm_head_weight", w, None), 200)
+    assert np.abs(head - w).max() <= (np.abs(w).max(1) / 127).max() * 0.5 + 1e-6  # int8 per-channel head
+
+
+def test_build_rejects_a_bad_alpha(tiny_model, tmp_path, capsys):
+    for alpha, msg in (("1.5", "must be in [0, 1]"), (str(tmp_path / "nope.json"), "alpha file"),
+                       ("search2", "alpha file")):
+        assert cli(["build", "--model", tiny_model, "--quantization", "smq_q8i8f16_1", "--output",
+                    str(tmp_path / "out"), "--max-seq-len", "64", "--alpha", alpha, *CALIB]) == 2
+        assert msg in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
