@@ -5,23 +5,28 @@ smoothing group (the linears that read one activation, ``passes/smooth_linear.Sm
 its own: for every alpha of a grid, the group is smoothed with
 ``s = max|X|^alpha / max|W|^(1-alpha)`` (the calibration statistics the build uses), its linears
 are quantized with the scheme (activations per the scheme's IR, weights round-to-nearest), and the
-alpha with the lowest **group output MSE** wins:
+alpha of lowest MSE wins. Two objectives:
 
-    MSE(alpha) = sum over the group's linears of ||Q_a(X / s) deq(Q_w(W s))^T - X W^T||^2
-                 / (rows * sum of their output widths)
+* ``block`` (default where it applies): the **decoder block's output MSE**, block input from the
+  float model on calibration sequences, the block run in torch (``autoround.TorchBlock``, which
+  mirrors the Relax layer) with this group's linears quantized and the rest float:
+  ``mean (block_q(h) - block(h))^2``. Groups outside the blocks (the LM head's) and rotated
+  models (online Hadamard, which TorchBlock does not model) fall back to:
+* ``group``: the output MSE of the group's own linears on a capped sample of calibration rows of
+  their input X (``mlc_quant.capture``)::
 
-on a capped sample of calibration rows of X (``mlc_quant.capture``). This is the output of the
-linears the smoothing feeds, not the whole decoder block's output: a group's factor changes only
-its own linears (the fold into the producer is exact), so their outputs are where its error
-shows; the block-level MSE would add the attention/MLP nonlinearity and the other groups' errors
-to every evaluation. The global alpha is always in the grid, so on this objective the search is
-never worse than it.
+      MSE(alpha) = sum over the group's linears of ||Q_a(X / s) deq(Q_w(W s))^T - X W^T||^2
+                   / (rows * sum of their output widths)
+
+Each group is searched on its own, the others float (down_proj's ``1/s`` folded into up_proj's
+rows is not part of the gate/up group's objective). The global alpha is always in the grid, so
+on the objective the search is never worse than it.
 """
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -71,43 +76,142 @@ def search_group(scheme: QuantScheme, linears: Sequence[str], x: np.ndarray, wei
     return alphas[int(np.argmin([table[a] for a in alphas]))], table
 
 
+OBJECTIVES = ("block", "group")
+
+
+class BlockObjective:
+    """Block-output MSE of one decoder layer at a time (see the module doc).
+
+    ``ids [samples, seq]``: calibration token ids; the float hidden states are advanced block by
+    block (:meth:`advance`), so memory is two ``[samples, seq, hidden]`` arrays.
+    """
+
+    def __init__(self, config, params: Mapping[str, np.ndarray], ids: np.ndarray):
+        from mlc_quant import autoround
+
+        self.torch = autoround._torch()  # pylint: disable=protected-access
+        self.config, self.params = config, params
+        self.names_of = autoround.block_linear_names
+        self.h = self.torch.from_numpy(np.asarray(params["model_embed_tokens_weight"], np.float32)[np.asarray(ids)])
+        self.layer, self.block, self.ref = -1, None, None
+
+    def set_layer(self, layer: int) -> None:
+        """Move the float hidden states to the input of ``layer``; compute its float output."""
+        from mlc_quant.autoround import TorchBlock
+
+        while self.layer < layer:
+            if self.ref is not None:
+                self.h = self.ref
+            self.layer += 1
+            self.block = TorchBlock(self.config, self.params, self.layer)
+            with self.torch.no_grad():
+                self.ref = self.block.forward(self.h)
+
+    def roles(self, layer: int, linears: Sequence[str]) -> Optional[List[str]]:
+        by_name = {n: r for r, n in self.names_of(layer).items()}
+        return [by_name[n] for n in linears] if all(n in by_name for n in linears) else None
+
+    def mse(self, scheme: QuantScheme, roles: Sequence[str], linears: Sequence[str],
+            weights_nk: Mapping[str, np.ndarray], stats, alpha: float) -> float:
+        torch, block = self.torch, self.block
+        act_absmax = np.max(np.stack([stats[n]["absmax"] for n in linears]), axis=0)
+        s = smoothing_factors(act_absmax, [weights_nk[n] for n in linears], alpha)
+        inv = 1.0 / s
+        wq, acts = {}, {}
+        for role, n in zip(roles, linears):
+            act = scheme.act_qparams(stats[n], inv)
+            w_s = (np.asarray(weights_nk[n], np.float64) * s[None, :]).astype(np.float32)
+            wq[role] = torch.from_numpy(quantized_weight(scheme, n, w_s, act))
+            if act is not None:
+                acts[role] = act
+        inv_t = torch.from_numpy(inv.astype(np.float32))
+        block.inv_scale = {r: inv_t for r in roles}
+        block.act_qparams, block.act, block.a_qmax = acts, scheme.act, scheme.a_qmax
+        quant = set(roles)
+        plain = type(block)._linear  # pylint: disable=protected-access
+
+        def linear(x, role, w, quant_act, _self=block):
+            return plain(_self, x, role, w, quant_act and role in quant)
+
+        block._linear = linear  # pylint: disable=protected-access
+        try:
+            with torch.no_grad():
+                out = block.forward(self.h, wq, quant_act=True)
+        finally:
+            del block._linear
+            block.inv_scale, block.act_qparams, block.act = {}, {}, "none"
+        return float(((out - self.ref).double() ** 2).mean())
+
+
+def _layer_of(linears: Sequence[str]) -> Optional[int]:
+    import re
+
+    m = re.match(r"model_layers_(\d+)_", linears[0])
+    return int(m.group(1)) if m else None
+
+
 class AlphaSearch:
     """The pipeline's ``alpha`` callable (``pipeline.quantize_module``): per-group alphas.
 
     ``capture(mod, params) -> mlc_quant.capture.Captured`` supplies calibration rows of every
-    linear input of the (annotated, float) module. After the call, ``report`` holds the grid,
-    the chosen alphas' and the global alpha's MSE per group, for mlc-quant-config.json.
+    linear input of the (annotated, float) module (the ``group`` objective). ``block_data() ->
+    (config, ids [samples, seq])`` enables the ``block`` objective (None: ``group`` everywhere).
+    After the call, ``report`` holds the grid, the objective and, per group, the chosen alpha's
+    and the global alpha's MSE, for mlc-quant-config.json.
     """
 
-    def __init__(self, capture: Callable, grid: Sequence[float] = DEFAULT_GRID, global_alpha: float = 0.5):
+    def __init__(self, capture: Callable, grid: Sequence[float] = DEFAULT_GRID, global_alpha: float = 0.5,
+                 block_data: Optional[Callable] = None):
         self.capture = capture
         self.global_alpha = float(global_alpha)
         self.grid = parse_grid(list(grid) + [self.global_alpha])
+        self.block_data = block_data
         self.report: Dict = {}
 
     def __call__(self, mod, groups, observer, params: Mapping[str, np.ndarray], layouts: Mapping[str, bool],
                  scheme: QuantScheme) -> Dict[str, float]:
         t0 = time.time()
-        captured = self.capture(mod, params)
+        captured = None
+        block = None
+        if self.block_data is not None:
+            config, ids = self.block_data()
+            block = BlockObjective(config, params, ids)
         alphas: Dict[str, float] = {}
         per_group: Dict[str, Dict] = {}
         total, total_global = 0.0, 0.0
         todo = [g for g in groups if g.fold != "skip"]
+        # block order: layer by layer (the float hidden states only move forward)
+        todo.sort(key=lambda g: (_layer_of(g.linears) is None, _layer_of(g.linears) or 0))
         for g in progress(todo, desc="alpha search", unit="group"):
             key = group_key(g.linears)
-            if key not in captured.rows:
-                raise ValueError(f"alpha search: no captured activations for smoothing group {key!r}")
             weights = {n: linear_weight_nk(np.asarray(params[n], dtype=np.float32), layouts[n]) for n in g.linears}
             stats = {n: observer.stats(n) for n in g.linears}
-            best, table = search_group(scheme, g.linears, captured.rows[key], weights, stats, self.grid)
+            layer = _layer_of(g.linears)
+            roles = block.roles(layer, g.linears) if block is not None and layer is not None else None
+            if roles is not None:
+                block.set_layer(layer)
+                table = {a: block.mse(scheme, roles, g.linears, weights, stats, a) for a in self.grid}
+                objective = "block"
+            else:
+                if captured is None:
+                    captured = self.capture(mod, params)
+                if key not in captured.rows:
+                    raise ValueError(f"alpha search: no captured activations for smoothing group {key!r}")
+                _, table = search_group(scheme, g.linears, captured.rows[key], weights, stats, self.grid)
+                objective = "group"
+            best = list(table)[int(np.argmin(list(table.values())))]
             alphas[key] = best
-            per_group[key] = {"alpha": best, "mse": table[best], "mse_global": table[self.global_alpha]}
+            per_group[key] = {"alpha": best, "objective": objective, "mse": table[best],
+                              "mse_global": table[self.global_alpha], "mse_grid": [table[a] for a in self.grid]}
             total += table[best]
             total_global += table[self.global_alpha]
         self.report = {
-            "objective": "output MSE of each smoothing group's linears under the scheme (calibration rows)",
+            "objective": ("decoder block output MSE with the group quantized (group output MSE for groups "
+                          "outside the blocks)" if block is not None else
+                          "output MSE of each smoothing group's linears under the scheme (calibration rows)"),
             "grid": list(self.grid), "global_alpha": self.global_alpha,
-            "rows_per_group": int(max((v.shape[0] for v in captured.rows.values()), default=0)),
+            "rows_per_group": int(max((v.shape[0] for v in captured.rows.values()), default=0)) if captured else 0,
+            "block_tokens": list(block.h.shape[:2]) if block is not None else None,
             "mse_sum": total, "mse_sum_global": total_global, "seconds": round(time.time() - t0, 1),
             "groups": per_group,
         }
@@ -139,7 +243,7 @@ def load_group_alphas(path) -> Dict[str, float]:
 
 
 def resolve_alpha(spec, capture: Optional[Callable] = None, grid: Sequence[float] = DEFAULT_GRID,
-                  global_alpha: float = 0.5):
+                  global_alpha: float = 0.5, block_data: Optional[Callable] = None):
     """``--alpha``: a float, ``search`` (an :class:`AlphaSearch`), or a config/JSON path of per-group alphas."""
     if isinstance(spec, (int, float)):
         return float(spec)
@@ -151,9 +255,9 @@ def resolve_alpha(spec, capture: Optional[Callable] = None, grid: Sequence[float
     if text == "search":
         if capture is None:
             raise ValueError("--alpha search needs calibration activations (a capture function)")
-        return AlphaSearch(capture, grid, global_alpha)
+        return AlphaSearch(capture, grid, global_alpha, block_data)
     return load_group_alphas(text)
 
 
-__all__ = ["AlphaSearch", "DEFAULT_GRID", "group_mse", "load_group_alphas", "parse_grid", "resolve_alpha",
+__all__ = ["AlphaSearch", "BlockObjective", "OBJECTIVES", "DEFAULT_GRID", "group_mse", "load_group_alphas", "parse_grid", "resolve_alpha",
            "search_group"]

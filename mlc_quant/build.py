@@ -32,7 +32,10 @@ class BuildOptions:
     output: str = ""
     alpha: Union[float, str] = 0.5  # a float, "search" (per-group grid search) or a config/JSON of group alphas
     alpha_grid: Tuple[float, ...] = alpha_search.DEFAULT_GRID  # the grid of --alpha search
-    alpha_rows: int = 256  # calibration rows per linear input the search keeps
+    alpha_rows: int = 256  # calibration rows per linear input the search keeps (group objective)
+    alpha_objective: str = "block"  # block (decoder block output MSE; group where it cannot) or group
+    alpha_block_samples: int = 4  # calibration sequences of the block objective
+    alpha_block_seq_len: int = 128  # their length (tokens)
     smooth: bool = True
     max_seq_len: int = 2048
     dataset: str = "dummy"
@@ -110,6 +113,19 @@ def _capturer(opts: BuildOptions, config, tokenizer) -> Callable:
     return capture
 
 
+def _block_data(opts: BuildOptions, config, tokenizer) -> Callable:
+    """block_data() for the block objective of --alpha search: (config, ids [samples, seq])."""
+
+    def block_data():
+        seq = min(opts.alpha_block_seq_len, opts.calib_seq_len)
+        ids = [s[:seq] for s in calibration_samples(opts.dataset, tokenizer, config.vocab_size,
+                                                    min(opts.alpha_block_samples, opts.calib_samples),
+                                                    opts.calib_seq_len, seed=opts.seed)]
+        return config, np.stack(ids).astype(np.int64)
+
+    return block_data
+
+
 def build_model(opts: BuildOptions, on_quantized: Optional[Callable] = None,
                 capture: Optional[Callable] = None) -> str:
     """Build ``opts.model`` with ``opts.quantization`` into ``opts.output``; returns the path.
@@ -139,6 +155,8 @@ def build_model(opts: BuildOptions, on_quantized: Optional[Callable] = None,
         raise ValueError(f"--calib-seq-len={opts.calib_seq_len} must be at most the model's "
                          f"{config.max_position_embeddings}")
     alpha_spec = alpha_search.resolve_alpha(opts.alpha, capture=lambda *a: None)  # bad --alpha fails early
+    if opts.alpha_objective not in alpha_search.OBJECTIVES:
+        raise ValueError(f"unknown alpha objective {opts.alpha_objective!r}; valid: {', '.join(alpha_search.OBJECTIVES)}")
     if isinstance(alpha_spec, float) and not 0.0 <= alpha_spec <= 1.0:
         raise ValueError(f"--alpha must be in [0, 1], 'search' or a config with group alphas, got {opts.alpha}")
     # Refuse an existing output before any heavy work.
@@ -153,7 +171,10 @@ def build_model(opts: BuildOptions, on_quantized: Optional[Callable] = None,
             quantize_weights = autoround.build_quantizer(config, tokenizer, opts.dataset, opts.autoround_preset,
                                                          opts.seed)
         if isinstance(alpha_spec, alpha_search.AlphaSearch):
-            alpha_spec = alpha_search.AlphaSearch(capture or _capturer(opts, config, tokenizer), opts.alpha_grid)
+            # the block objective runs torch blocks that do not model online rotations
+            block = opts.alpha_objective == "block" and not rot.enabled
+            alpha_spec = alpha_search.AlphaSearch(capture or _capturer(opts, config, tokenizer), opts.alpha_grid,
+                                                  block_data=_block_data(opts, config, tokenizer) if block else None)
         result = pipeline.quantize_module(mod, params, scheme, _calibrator(opts, config, params, tokenizer),
                                           alpha=alpha_spec, smooth=opts.smooth and scheme.act != "none",
                                           quantize_weights=quantize_weights)

@@ -30,6 +30,9 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
                         "group, grid minimising the group's output MSE; docs/accuracy.md), or an "
                         "mlc-quant-config.json (or build dir) whose per-group alphas to reuse")
     p.add_argument("--alpha-grid", default="0.3,0.4,0.5,0.6,0.7,0.8,0.9", help="alphas tried by --alpha search")
+    p.add_argument("--alpha-objective", default="block", choices=["block", "group"],
+                   help="what --alpha search minimises: block (decoder block output MSE, default; group output "
+                        "where it cannot) or group (output MSE of the group's linears)")
     p.add_argument("--no-smooth", dest="smooth", action="store_false", help="naive W8A8 (no smoothing)")
     p.add_argument("--max-seq-len", type=int, default=2048, help="longest sequence the built model serves")
     p.add_argument("--dataset", default="dummy",
@@ -73,7 +76,8 @@ def cmd_build(args) -> int:
                         calib_decode_steps=args.calib_decode_steps, target=args.target,
                         overwrite=args.overwrite, seed=args.seed, rotation=args.rotation,
                         rotation_kind=args.rotation_kind, weight_rounding=args.weight_rounding,
-                        autoround_preset=args.autoround_preset, alpha_grid=_grid(args.alpha_grid))
+                        autoround_preset=args.autoround_preset, alpha_grid=_grid(args.alpha_grid),
+                        alpha_objective=args.alpha_objective)
     build_model(opts)
     print(f"wrote {output}")
     return 0

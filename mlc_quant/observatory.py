@@ -105,6 +105,7 @@ class EvalOptions:
     calib_decode_steps: int = 4
     alpha: float = 0.5
     alpha_grid: Tuple[float, ...] = DEFAULT_GRID
+    alpha_objective: str = "block"  # of NAME@search builds: block or group (mlc_quant/alpha_search.py)
     rotation: str = "none"  # rotation of every build (and of the activations the errors use)
     plot_rotation: str = "r1r2r4"  # the "after rotation" panel of the outlier figure ("none": left out)
     plot_layers: Sequence[str] = ()  # linear names whose inputs to plot; empty: chosen automatically
@@ -290,6 +291,7 @@ def run_eval(opts: EvalOptions) -> Dict:
                 out = builds_dir / spec.dirname
                 build_model(BuildOptions(model=opts.model, quantization=spec.scheme, output=str(out),
                                          alpha=spec.alpha, alpha_grid=tuple(opts.alpha_grid),
+                                         alpha_objective=opts.alpha_objective,
                                          alpha_rows=opts.sample_rows, smooth=spec.smooth, max_seq_len=opts.ctx,
                                          dataset=opts.dataset, calib_samples=opts.calib_samples,
                                          calib_seq_len=opts.calib_seq_len, calib_decode_steps=opts.calib_decode_steps,
@@ -338,7 +340,8 @@ def run_eval(opts: EvalOptions) -> Dict:
                 "calibration": {"dataset": opts.dataset, "samples": opts.calib_samples,
                                 "seq_len": opts.calib_seq_len, "decode_steps": opts.calib_decode_steps,
                                 "seed": opts.seed, "rows_per_linear_input": opts.sample_rows},
-                "alpha": opts.alpha, "alpha_grid": list(opts.alpha_grid), "rotation": opts.rotation,
+                "alpha": opts.alpha, "alpha_grid": list(opts.alpha_grid),
+                "alpha_objective": opts.alpha_objective, "rotation": opts.rotation,
                 "plot_rotation": plot_rot, "command": opts.command,
                 "total_s": round(time.time() - t_start, 1),
             }
@@ -360,7 +363,7 @@ def _alpha_search_report(specs: List[SchemeSpec], result: Dict, summaries: Dict)
             continue
         summary = summaries.get(spec.label, {})
         report = dict(summary.get("alpha_search", {}))
-        entry = {"group_alphas": summary.get("group_alphas", {}),
+        entry = {"group_alphas": summary.get("group_alphas", {}), "objective": report.get("objective"),
                  "mse_sum": report.get("mse_sum"), "mse_sum_global": report.get("mse_sum_global"),
                  "global_alpha": report.get("global_alpha"), "grid": report.get("grid"),
                  "perplexity": ppl.get(spec.label)}
@@ -426,9 +429,10 @@ def render_markdown(result: Dict, order: Sequence[str] = ()) -> str:
     search = result.get("alpha_search", {})
     if search:
         lines += ["", "## Per-group alpha search", "",
-                  "Grid per smoothing group, minimising the output MSE of the group's linears under the scheme "
-                  "on calibration rows (mlc_quant/alpha_search.py).", "",
-                  "| build | perplexity | best single alpha (perplexity) | gain | summed group MSE: search / global |",
+                  "Grid per smoothing group, minimising the decoder block's output MSE with the group quantized "
+                  "(`--alpha-objective block`; the group's own output MSE for the LM head's group, rotated "
+                  "builds and `--alpha-objective group`), mlc_quant/alpha_search.py.", "",
+                  "| build | perplexity | best single alpha (perplexity) | gain | summed MSE: search / global alpha |",
                   "|---|---|---|---|---|"]
         for label, e in search.items():
             single = (f"{e['best_single_alpha']:g} ({e['best_single_perplexity']:.4f})" if "best_single" in e
@@ -456,6 +460,8 @@ def add_args(p) -> None:
     p.add_argument("--calib-decode-steps", type=int, default=4)
     p.add_argument("--alpha", type=float, default=0.5, help="global SmoothQuant alpha of NAME specs (default 0.5)")
     p.add_argument("--alpha-grid", default=",".join(f"{a:g}" for a in DEFAULT_GRID), help="grid of NAME@search")
+    p.add_argument("--alpha-objective", default="block", choices=["block", "group"],
+                   help="what NAME@search minimises: block (decoder block output MSE) or group (group output MSE)")
     p.add_argument("--rotation", default="none", choices=["none", "r1r2", "r1r2r4", "all"],
                    help="rotation of every build (default none)")
     p.add_argument("--plot-rotation", default="r1r2r4", choices=["none", "r1r2", "r1r2r4", "all"],
@@ -474,7 +480,8 @@ def main(args) -> int:
                        max_windows=args.max_windows, overwrite=args.overwrite, dataset=args.dataset,
                        calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
                        calib_decode_steps=args.calib_decode_steps, alpha=args.alpha,
-                       alpha_grid=parse_grid(args.alpha_grid), rotation=args.rotation,
+                       alpha_grid=parse_grid(args.alpha_grid), alpha_objective=args.alpha_objective,
+                       rotation=args.rotation,
                        plot_rotation=args.plot_rotation,
                        plot_layers=[s for s in args.plot_layers.split(",") if s.strip()],
                        sample_rows=args.sample_rows, keep_builds=args.keep_builds, seed=args.seed,

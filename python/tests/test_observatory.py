@@ -177,8 +177,56 @@ def test_alpha_search_never_worse_than_global_and_stored(evaluated):
     assert set(q["group_alphas"].values()) <= set(q["alpha_search"]["grid"])
     for g in q["alpha_search"]["groups"].values():
         assert g["mse"] <= g["mse_global"]
+        assert g["mse"] == min(g["mse_grid"]) and g["alpha"] == q["alpha_search"]["grid"][g["mse_grid"].index(g["mse"])]
+    objectives = [g["objective"] for g in q["alpha_search"]["groups"].values()]
+    assert objectives.count("block") == 8 and objectives.count("group") == 1  # lm_head's group: no block
     assert search["mse_sum"] <= search["mse_sum_global"]
     assert 0.5 in q["alpha_search"]["grid"]
+
+
+def test_block_objective_matches_transformers(evaluated, tiny_model):
+    """The block objective of layer 0's down_proj group, recomputed with the transformers model:
+    layer 0's output with down_proj smoothed and W8A8 per-tensor quantized (by hand) vs float."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mlc_quant.datasets import calibration_samples
+
+    q = json.loads((evaluated / "builds" / "smq_q8i8f16_0-search" / artifact.CONFIG_FILE).read_text())["quantization"]
+    grid = q["alpha_search"]["grid"]
+    got = q["alpha_search"]["groups"]["model_layers_0_mlp_down_proj_weight"]
+    assert got["objective"] == "block"
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32).eval()
+    ids = torch.tensor(np.stack(list(calibration_samples("dummy", None, 256, 3, 32, seed=0))).astype(np.int64))
+    down = ref.model.layers[0].mlp.down_proj
+    seen = []
+    hook = down.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        h_float = ref(ids, output_hidden_states=True).hidden_states[1]
+    hook.remove()
+    a_max = torch.cat(seen).abs().amax(0).double().numpy()  # the calibration abs-max (same tokens)
+    w = down.weight.detach().double().numpy().copy()
+    expected = []
+    for alpha in grid:
+        s = a_max ** alpha / np.abs(w).max(0) ** (1 - alpha)
+        sx = (a_max / s).max() / 127
+        w_s = w * s
+        sw = np.abs(w_s).max() / 127
+        wq = np.clip(np.round(w_s / sw), -127, 127) * sw
+
+        def quant_input(m, a, s=s, sx=sx):
+            x = a[0].double() / torch.from_numpy(s)
+            return (torch.clamp(torch.round(x / sx), -128, 127) * sx).float()
+
+        hook = down.register_forward_pre_hook(quant_input)
+        down.weight.data = torch.from_numpy(wq).float()
+        with torch.no_grad():
+            h_q = ref(ids, output_hidden_states=True).hidden_states[1]
+        hook.remove()
+        down.weight.data = torch.from_numpy(w).float()
+        expected.append(float(((h_q - h_float).double() ** 2).mean()))
+    np.testing.assert_allclose(got["mse_grid"], expected, rtol=5e-2)
+    assert got["alpha"] == grid[int(np.argmin(expected))]
 
 
 def test_group_alphas_round_trip_through_the_config(evaluated, tiny_model, tmp_path):
