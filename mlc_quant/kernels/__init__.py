@@ -55,6 +55,7 @@ class Backend(IntEnum):
     CUTLASS1 = 3
     CUBLASLT = 4
     SIMT = 5
+    GEMV = 6
 
 
 __all__ = [

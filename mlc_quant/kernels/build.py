@@ -243,6 +243,8 @@ def _units() -> List[_Unit]:
         _Unit("mlcq_kernels", KERNEL_DIR / "kernels.cu", base + GENERIC_GENCODE),
         _Unit("mlcq_cublaslt", KERNEL_DIR / "cublaslt.cu", base + GENERIC_GENCODE, ("cublas",)),
         _Unit("mlcq_linear", KERNEL_DIR / "linear.cu", base + GENERIC_GENCODE, ("ffi", "cublas")),
+        # Small-M (decode) GEMVs with the W8A8 quantize + epilogue fused, see gemv.cu.
+        _Unit("mlcq_gemv", KERNEL_DIR / "gemv.cu", base + GENERIC_GENCODE),
         # Tensor-core ragged prefill attention (mma.sync: sm_80+), see attention.cu.
         _Unit("mlcq_attention", KERNEL_DIR / "attention.cu", base + GENERIC_GENCODE, ("ffi",)),
     ]

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "mlcq_ffi.h"
+#include "mlcq_gemv.h"
 #include "mlcq_internal.h"
 #include "mlcq_lt.h"
 
@@ -173,10 +174,21 @@ Backend EnvBackend(Backend requested) {
     if (!std::strcmp(v, "cutlass1")) return Backend::kCutlass1;
     if (!std::strcmp(v, "cublaslt")) return Backend::kCublasLt;
     if (!std::strcmp(v, "simt")) return Backend::kSimt;
+    if (!std::strcmp(v, "gemv")) return Backend::kGemv;
     ThrowError("ValueError", std::string("MLC_QUANT_INT8_BACKEND=") + v +
-                                 ": expected auto|cutlass|cutlass0|cutlass1|cublaslt|simt");
+                                 ": expected auto|cutlass|cutlass0|cutlass1|cublaslt|simt|gemv");
   }();
   return env;
+}
+
+// MLC_QUANT_GEMV=0 keeps small-M linears (int8 and fp16) off the GEMV kernels in the auto
+// policy: the pre-GEMV behaviour, for before/after measurements.
+bool GemvEnabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("MLC_QUANT_GEMV");
+    return v == nullptr || !(!std::strcmp(v, "0") || !std::strcmp(v, "off") || !std::strcmp(v, "false"));
+  }();
+  return on;
 }
 
 using CutlassFn = const char* (*)(const GemmProblem&, Workspace*, cudaStream_t);
@@ -265,6 +277,7 @@ void RunInt8Gemm(GemmProblem& p, Backend backend, cudaStream_t stream) {
       LaunchSimtW8A8(p, stream);
       SetLast("simt");
       return;
+    case Backend::kGemv:  // handled in RunLinear (it needs the unquantized x)
     case Backend::kAuto:
       break;
   }
@@ -320,6 +333,15 @@ void RunLinear(const LinearArgs& a) {
       ck.Fail("float linear needs x and w of the same float dtype, got " + DTypeStr(a.x->dtype) +
               " and " + DTypeStr(a.w->dtype));
     if (out_kind != xk) ck.Fail("float linear: out dtype must match x");
+    // Decode-sized M: one bandwidth-bound GEMV beats cuBLASLt (docs/performance.md).
+    // (backend kCublasLt keeps cuBLASLt, kGemv forces the GEMV where it applies)
+    const bool gemv_ok = a.backend == Backend::kGemv || (a.backend == Backend::kAuto && GemvEnabled());
+    if (xk == kF16 && !kn && M <= kGemvMaxM && gemv_ok &&
+        GemvF16Usable(M, N, K, Data(a.x), Data(a.w), Data(a.out))) {
+      LaunchGemvF16(M, N, K, Data(a.x), Data(a.w), Data(a.bias), Data(a.out), device, stream);
+      SetLast("gemv_f16");
+      return;
+    }
     LtGemm g;
     g.M = M, g.N = N, g.K = K, g.x = Data(a.x), g.w = Data(a.w), g.w_kn = kn, g.out = Data(a.out);
     g.bias = Data(a.bias), g.in_dtype = xk, g.out_dtype = out_kind, g.device_id = device;
@@ -345,6 +367,14 @@ void RunLinear(const LinearArgs& a) {
   p.M = M, p.N = N, p.K = K, p.w = Data(a.w), p.out = Data(a.out), p.out_dtype = out_kind;
   p.bias = Data(a.bias), p.bias_dtype = out_kind, p.device_id = device;
   Workspace* ws = Workspace::ForDevice(device);
+  const Backend backend = EnvBackend(a.backend);
+  // M <= 8 (decode): one GEMV kernel quantizes x, multiplies and applies the epilogue. Decided
+  // here, before any workspace is touched (nothing to grow inside a CUDA graph capture).
+  GemvInput gin;
+  gin.x = Data(a.x);
+  gin.x_dtype = x_is_int8 ? -1 : x_kind;
+  bool try_gemv = (backend == Backend::kGemv || (backend == Backend::kAuto && GemvEnabled())) &&
+                  M <= kGemvMaxM;
 
   float* dynamic_scale = nullptr;  // per-token scales computed here (token_eps given)
   if (per_token) {
@@ -357,8 +387,11 @@ void RunLinear(const LinearArgs& a) {
         ck.Fail("per-token scheme needs token_scale, or float x and token_eps");
       ck.DType(a.token_eps, "token_eps", kDLFloat, 32);
       if (Numel(a.token_eps) != 1) ck.Fail("token_eps must be a scalar");
-      dynamic_scale = static_cast<float*>(ws->get(static_cast<size_t>(M) * 4, Workspace::kTokenScale));
-      p.scale_row = dynamic_scale;
+      gin.token_eps = static_cast<const float*>(Data(a.token_eps));
+      if (!try_gemv) {
+        dynamic_scale = static_cast<float*>(ws->get(static_cast<size_t>(M) * 4, Workspace::kTokenScale));
+        p.scale_row = dynamic_scale;
+      }
     }
     if (Numel(a.scale) != N) ck.Fail("per-token scheme needs a weight scale of N elements");
     p.scale_col = static_cast<const float*>(Data(a.scale));
@@ -383,7 +416,39 @@ void RunLinear(const LinearArgs& a) {
       ck.DType(a.row_sum, "row_sum", kDLInt, 32);
       if (Numel(a.row_sum) != M) ck.Fail("row_sum must have one value per row of x");
       p.rowsum = static_cast<const int32_t*>(Data(a.row_sum));
-    } else {
+    } else if (!try_gemv) {
+      rowsum = static_cast<int32_t*>(ws->get(static_cast<size_t>(M) * 4, Workspace::kRowVec));
+      p.rowsum = rowsum;
+    }
+  }
+
+  if (!x_is_int8 && !per_token) {
+    ck.Required(a.x_scale, "x_scale");
+    ck.DType(a.x_scale, "x_scale", kDLFloat, 32);
+    if (Numel(a.x_scale) != 1) ck.Fail("x_scale must be a scalar (per-tensor quantization)");
+    if (a.x_zero != nullptr) {
+      ck.DType(a.x_zero, "x_zero", kDLInt, 8);
+      if (Numel(a.x_zero) != 1) ck.Fail("x_zero must be a scalar");
+    }
+  }
+  if (try_gemv) {
+    gin.x_mode = x_is_int8 ? 0 : per_token ? (gin.token_eps != nullptr ? 3 : 2) : 1;
+    gin.x_scale = static_cast<const float*>(Data(a.x_scale));
+    gin.x_zero = static_cast<const int8_t*>(Data(a.x_zero));
+    // the GEMV computes the row sums itself (the same sums of the same int8 x)
+    std::string why = GemvW8A8Unusable(p, gin);
+    if (why.empty()) {
+      LaunchGemvW8A8(p, gin, stream);
+      SetLast("gemv_w8a8");
+      return;
+    }
+    if (backend == Backend::kGemv) ThrowError("ValueError", "mlc_quant: GEMV backend forced but unusable: " + why);
+    // fall back: the workspace buffers skipped above
+    if (dynamic_scale == nullptr && per_token && a.token_scale == nullptr) {
+      dynamic_scale = static_cast<float*>(ws->get(static_cast<size_t>(M) * 4, Workspace::kTokenScale));
+      p.scale_row = dynamic_scale;
+    }
+    if (asym && p.rowsum == nullptr) {
       rowsum = static_cast<int32_t*>(ws->get(static_cast<size_t>(M) * 4, Workspace::kRowVec));
       p.rowsum = rowsum;
     }
@@ -415,7 +480,7 @@ void RunLinear(const LinearArgs& a) {
     }
     p.x = q;
   }
-  RunInt8Gemm(p, EnvBackend(a.backend), stream);
+  RunInt8Gemm(p, backend == Backend::kGemv ? Backend::kAuto : backend, stream);
 }
 
 }  // namespace mlcq
@@ -434,7 +499,7 @@ void Linear(int64_t scheme, int64_t backend, TensorView x, TensorView w, bool w_
             OptT row_sum, OptT bias, TensorView out) {
   using mlcq::DLView;
   if (scheme < 0 || scheme > 3) TVM_FFI_THROW(ValueError) << "mlcq_linear: bad scheme " << scheme;
-  if (backend < 0 || backend > 5) TVM_FFI_THROW(ValueError) << "mlcq_linear: bad backend " << backend;
+  if (backend < 0 || backend > 6) TVM_FFI_THROW(ValueError) << "mlcq_linear: bad backend " << backend;
   DLView vx(x, "x"), vw(w, "w"), vxs(x_scale, "x_scale"), vxz(x_zero, "x_zero"),
       vts(token_scale, "token_scale"), vte(token_eps, "token_eps"), vs(scale, "scale"),
       vwz(w_zero, "w_zero"),

@@ -25,12 +25,13 @@ enum class Scheme : int {
 };
 
 enum class Backend : int {
-  kAuto = 0,      // pick per shape (measured policy, see docs/performance.md)
+  kAuto = 0,      // pick per shape (measured policy, see docs/performance.md): M <= 8 -> kGemv
   kCutlass = 1,   // CUTLASS sm90 with the fused epilogue, tile config by shape
   kCutlass0 = 2,  // force tile config 0 (128x128 ping-pong) / 1 (128x64 stream-K)
   kCutlass1 = 3,
   kCublasLt = 4,  // cuBLASLt int8 -> int32 + separate epilogue kernel (not fused)
   kSimt = 5,      // CUDA cores, any shape
+  kGemv = 6,      // M <= 8: one bandwidth-bound GEMV kernel with the quantize and epilogue fused
 };
 
 struct LinearArgs {

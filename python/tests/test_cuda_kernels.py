@@ -9,6 +9,8 @@ CPU, in CI (needs nvcc, no GPU):
 GPU (skipped without a CUDA device; needs torch for device memory):
   * every scheme, backend and output type against a numpy reference on fresh random data, with
     M = 1, 7, 16, 128, 2048 and K, N that are not multiples of 64;
+  * the decode GEMVs (M <= 8: W8A8 with the quantize + epilogue fused, and fp16) for every
+    scheme's epilogue, M = 1, 2, 7, 8, (N, K) = (11008, 4096), (1536, 576), (1003, 1000);
   * BYOC-built modules (made on the CPU machine) against the CPU build of the same module.
 
 On a machine with only TVM's runtime (the GPU machines), the GPU tests import nothing from
@@ -31,7 +33,7 @@ import pytest
 
 # mirrors mlcq::Scheme / mlcq::Backend (mlc_quant/kernels/mlcq_api.h)
 FLOAT, SYM, ASYM, TOKEN = 0, 1, 2, 3
-AUTO, CUTLASS, CUTLASS0, CUTLASS1, CUBLASLT, SIMT = range(6)
+AUTO, CUTLASS, CUTLASS0, CUTLASS1, CUBLASLT, SIMT, GEMV = range(7)
 
 
 def _full_tvm() -> bool:
@@ -188,7 +190,7 @@ def test_kernels_compile_link_and_load(tmp_path):
 
     objs = build_kernels(tmp_path / "obj")
     names = {Path(o).stem for o in objs}
-    assert {"mlcq_kernels", "mlcq_cublaslt", "mlcq_linear"} <= names
+    assert {"mlcq_kernels", "mlcq_cublaslt", "mlcq_linear", "mlcq_gemv"} <= names
     assert sum(n.startswith("mlcq_cutlass_sm90_cfg") for n in names) >= 2
     lib = build_shared_library(tmp_path / "libmlc_quant_kernels.so", objs)
     nm = subprocess.run(["nm", "-D", "--defined-only", lib], capture_output=True, text=True, check=True).stdout
@@ -201,6 +203,9 @@ def test_kernels_compile_link_and_load(tmp_path):
         cfg0 = next(o for o in objs if Path(o).stem.endswith("cfg0"))
         sass = subprocess.run([cuobjdump, "--dump-sass", cfg0], capture_output=True, text=True).stdout
         assert "IGMMA" in sass or "GMMA" in sass, "no wgmma in the CUTLASS kernel"
+        gemv = next(o for o in objs if Path(o).stem == "mlcq_gemv")
+        sass = subprocess.run([cuobjdump, "--dump-sass", gemv], capture_output=True, text=True).stdout
+        assert "IDP" in sass, "no dp4a (IDP.4A) in the W8A8 GEMV"
 
     import tvm_ffi  # pylint: disable=import-outside-toplevel
 
@@ -731,6 +736,107 @@ def test_gpu_float_gemm(klib, M, w_kn):
         klib["mlcq_linear"](FLOAT, AUTO, xd, wd, w_kn, None, None, None, None, None, None, None, None, bd, out)
         _assert_close(_host(out), ref, f"float {F} M={M} N={N} K={K} kn={w_kn}",
                       rel={"float16": 3e-3, "bfloat16": 2e-2, "float32": 1e-5}[F])
+
+
+# =============================================================================================
+# GPU: the decode GEMVs (gemv.cu), M <= 8
+
+# Llama-2-7B's MLP, SmolLM2's MLP, and an odd shape (K % 16 != 0: the 4-byte load path; N odd).
+_GEMV_NK = [(11008, 4096), (1536, 576), (1003, 1000)]
+_GEMV_M = [1, 2, 7, 8]
+
+
+@needs_gpu
+@pytest.mark.parametrize("M", _GEMV_M)
+@pytest.mark.parametrize("NK", _GEMV_NK)
+@pytest.mark.parametrize("scheme", _SCHEMES)
+def test_gpu_gemv_w8a8(klib, M, NK, scheme):
+    """The W8A8 GEMV (activation quantize, int8 dot products, dequantize epilogue in one kernel)
+    against numpy on fresh random data, chosen by the auto policy for M <= 8.
+
+    Tolerance: the reference quantizes with the same IEEE division and ties-to-even rounding, so
+    both sides hold the same int8 codes and the int32 sums are exact; what differs is the fp32
+    scale products and the fp16 output rounding: max |err| <= 2e-3 max|ref| and
+    ||err|| / ||ref|| <= 2e-3 (a wrong code or row sum shows up far above that).
+    """
+    N, K = NK
+    seed = (M * 1000003 + N * 101 + K * 7 + _SCHEMES.index(scheme)) % 2**31
+    for x_float, bias in ((True, False), (True, True), (False, True)):
+        out, ref = _run_w8a8(klib, scheme, M, N, K, x_float=x_float, bias=bias, seed=seed)
+        kernel = str(klib["mlcq_last_kernel"]())
+        assert kernel == "gemv_w8a8", (M, N, K, scheme, kernel)
+        _assert_close(out, ref, f"gemv {scheme} M={M} N={N} K={K} x_float={x_float} bias={bias}")
+
+
+@needs_gpu
+@pytest.mark.parametrize("scheme", _SCHEMES)
+def test_gpu_gemv_w8a8_forced_and_fallback(klib, scheme):
+    # forced backend, a 3-D x (M = 2 x 3 = 6 rows), K % 16 != 0
+    out, ref = _run_w8a8(klib, scheme, 3, 520, 1000, x_float=True, bias=True, seed=5, backend=GEMV, lead=(2,))
+    assert str(klib["mlcq_last_kernel"]()) == "gemv_w8a8"
+    _assert_close(out, ref, f"forced gemv {scheme}")
+    # K % 4 != 0: the GEMV cannot take it; auto falls back (to the CUDA-core GEMM), forced raises
+    out, ref = _run_w8a8(klib, scheme, 1, 72, 37, x_float=True, bias=False, seed=6)
+    assert str(klib["mlcq_last_kernel"]()) != "gemv_w8a8"
+    _assert_close(out, ref, f"fallback {scheme}")
+    with pytest.raises(ValueError, match="GEMV backend forced"):
+        _run_w8a8(klib, scheme, 1, 72, 37, x_float=True, bias=False, seed=6, backend=GEMV)
+    # M = 9: the GEMM path
+    _run_w8a8(klib, scheme, 9, 520, 1000, x_float=True, bias=False, seed=7)
+    assert str(klib["mlcq_last_kernel"]()) != "gemv_w8a8"
+
+
+@needs_gpu
+def test_gpu_gemv_dynamic_extreme_rows(klib):
+    """Dynamic per-token: rows of very different ranges and an all-zero row (scale = eps)."""
+    torch = _torch_cuda()
+    rng = np.random.default_rng(21)
+    M, N, K = 8, 1003, 1000
+    x = (rng.standard_normal((M, K)) * rng.uniform(1e-3, 300, (M, 1))).astype(np.float16)
+    x[3] = 0
+    wq = rng.integers(-127, 128, (N, K)).astype(np.int8)
+    sw = (rng.uniform(0.5, 1.5, N) / (127 * np.sqrt(K))).astype(np.float32)
+    eps = np.float32(1e-8)
+    st = np.maximum(np.abs(x.astype(np.float32)).max(-1, keepdims=True) / np.float32(127), eps)
+    ref = _ref_int_gemm(_ref_quantize(x, st, per_token=True), wq) * st.astype(np.float64) * sw
+    out = _out((M, N), "float16")
+    klib["mlcq_linear"](TOKEN, AUTO, _dev(x), _dev(wq), False, None, None, None, _dev(np.array(eps)), _dev(sw),
+                        None, None, None, None, out)
+    assert str(klib["mlcq_last_kernel"]()) == "gemv_w8a8"
+    res = _host(out)
+    assert np.all(res[3] == 0)
+    for m in range(M):  # per row: rows differ by 5 orders of magnitude
+        if m != 3:
+            _assert_close(res[m], ref[m], f"row {m}")
+    del torch
+
+
+@needs_gpu
+@pytest.mark.parametrize("M", _GEMV_M)
+@pytest.mark.parametrize("NK", _GEMV_NK)
+def test_gpu_gemv_f16(klib, M, NK):
+    """fp16 GEMV (q0f16 decode) against a float64 reference of the same fp16 inputs; fp32
+    accumulation in a different order than the reference: tolerance 3e-3 (as the fp16 GEMM)."""
+    torch = _torch_cuda()
+    N, K = NK
+    rng = np.random.default_rng(M * 31 + N + K)
+    for bias in (False, True):
+        x = rng.standard_normal((M, K)).astype(np.float16)
+        w = (rng.standard_normal((N, K)) / np.sqrt(K)).astype(np.float16)
+        b = rng.standard_normal(N).astype(np.float16) if bias else None
+        ref = x.astype(np.float64) @ w.astype(np.float64).T + (b.astype(np.float64) if bias else 0)
+        out = _out((M, N), "float16")
+        klib["mlcq_linear"](FLOAT, AUTO, _dev(x), _dev(w), False, None, None, None, None, None, None, None, None,
+                            _dev(b) if bias else None, out)
+        assert str(klib["mlcq_last_kernel"]()) == "gemv_f16"
+        _assert_close(_host(out), ref, f"gemv_f16 M={M} N={N} K={K} bias={bias}", rel=3e-3)
+        # cuBLASLt on request (the comparison baseline) agrees
+        out2 = _out((M, N), "float16")
+        klib["mlcq_linear"](FLOAT, CUBLASLT, _dev(x), _dev(w), False, None, None, None, None, None, None, None,
+                            None, _dev(b) if bias else None, out2)
+        assert str(klib["mlcq_last_kernel"]()) == "cublaslt_float"
+        _assert_close(_host(out2), ref, "cublaslt fp16", rel=3e-3)
+    del torch
 
 
 # =============================================================================================
