@@ -34,6 +34,7 @@ def main():
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--schemes", default="", help="comma-separated subset of the configs' schemes")
     p.add_argument("--out", default="docs/accuracy.json")
+    p.add_argument("--skip-existing", action="store_true", help="keep rows already in --out (resume a sweep)")
     args = p.parse_args()
     configs = [c for c in CONFIGS if not args.schemes or c[0] in args.schemes.split(",")]
     results = json.load(open(args.out)) if os.path.exists(args.out) else {}
@@ -42,6 +43,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for scheme, smooth in configs:
             key = f"{scheme}{'' if smooth or scheme.startswith('q0') else ' (naive)'}"
+            if args.skip_existing and key in results["runs"]:
+                continue
             out = os.path.join(tmp, key.replace(" ", "_"))
             t0 = time.time()
             build_model(BuildOptions(model=args.model, quantization=scheme, output=out, alpha=args.alpha,

@@ -32,6 +32,8 @@ CONFIGS = [
     ("q4i8f16_pt", "r1r2r4", "hadamard", False),
     ("q4i4f16_pt", "r1r2r4", "random-orthogonal", False),
     ("q0f32", "r1r2r4", "hadamard", False),
+    ("smq_q8i8f16_3", "r1r2r4", "hadamard", True),
+    ("smq_q8i8f16_3", "none", "hadamard", True),
 ]
 
 
@@ -49,6 +51,9 @@ def main():
     p.add_argument("--max-windows", type=int, default=16, help="evaluate the first N windows (0 = all)")
     p.add_argument("--only", default="", help="comma-separated config keys (default: all)")
     p.add_argument("--out", default="docs/rotation_accuracy.json")
+    p.add_argument("--dataset", default="shakespeare", help="calibration text of smoothed configs")
+    p.add_argument("--calib-samples", type=int, default=8)
+    p.add_argument("--calib-seq-len", type=int, default=256)
     args = p.parse_args()
     configs = [c for c in CONFIGS if not args.only or key_of(*c) in args.only.split(",")]
     results = json.load(open(args.out)) if os.path.exists(args.out) else {}
@@ -60,7 +65,9 @@ def main():
             out = os.path.join(tmp, key.replace(" ", "_").replace("=", "-"))
             t0 = time.time()
             build_model(BuildOptions(model=args.model, quantization=scheme, output=out, smooth=smooth,
-                                     max_seq_len=args.ctx, rotation=rot, rotation_kind=kind))
+                                     max_seq_len=args.ctx, rotation=rot, rotation_kind=kind,
+                                     dataset=args.dataset, calib_samples=args.calib_samples,
+                                     calib_seq_len=args.calib_seq_len))
             t_build = time.time() - t0
             engine, tokenizer, _ = load_built(out, max_seq_len=args.ctx)
             if tokens is None:
