@@ -336,7 +336,8 @@ void RunLinear(const LinearArgs& a) {
     // Decode-sized M: one bandwidth-bound GEMV beats cuBLASLt (docs/performance.md).
     // (backend kCublasLt keeps cuBLASLt, kGemv forces the GEMV where it applies)
     const bool gemv_ok = a.backend == Backend::kGemv || (a.backend == Backend::kAuto && GemvEnabled());
-    if (xk == kF16 && !kn && M <= kGemvMaxM && gemv_ok &&
+    const int64_t gemv_max_m = a.backend == Backend::kGemv ? kGemvMaxM : kGemvF16AutoMaxM;
+    if (xk == kF16 && !kn && M <= gemv_max_m && gemv_ok &&
         GemvF16Usable(M, N, K, Data(a.x), Data(a.w), Data(a.out))) {
       LaunchGemvF16(M, N, K, Data(a.x), Data(a.w), Data(a.bias), Data(a.out), device, stream);
       SetLast("gemv_f16");
@@ -373,8 +374,8 @@ void RunLinear(const LinearArgs& a) {
   GemvInput gin;
   gin.x = Data(a.x);
   gin.x_dtype = x_is_int8 ? -1 : x_kind;
-  bool try_gemv = (backend == Backend::kGemv || (backend == Backend::kAuto && GemvEnabled())) &&
-                  M <= kGemvMaxM;
+  bool try_gemv = (backend == Backend::kGemv && M <= kGemvMaxM) ||
+                  (backend == Backend::kAuto && GemvEnabled() && M <= kGemvAutoMaxM);
 
   float* dynamic_scale = nullptr;  // per-token scales computed here (token_eps given)
   if (per_token) {

@@ -10,7 +10,14 @@
 namespace mlcq {
 
 // ---- small-M GEMV (gemv.cu): decode linears, M = 1..kGemvMaxM ----
-constexpr int64_t kGemvMaxM = 8;
+constexpr int64_t kGemvMaxM = 8;  // what the kernels take (backend kGemv)
+// What the auto policy gives them, measured on H200 (scripts/bench_gemv.py, docs/performance.md):
+// the W8A8 GEMV beats quantize + cuBLASLt int8 + epilogue 1.2-1.8x at M = 1-2 but loses from
+// M = 4 (the per-CTA quantize of M x K rows is not hidden any more); the fp16 GEMV at best ties
+// cuBLASLt at M = 1 (0.93-1.07x over two runs) and loses above, so the q0f16 baseline keeps
+// cuBLASLt (its best path); the fp16 GEMV runs only when forced (backend kGemv).
+constexpr int64_t kGemvAutoMaxM = 2;
+constexpr int64_t kGemvF16AutoMaxM = 0;
 // How x reaches the W8A8 GEMV, which quantizes it itself (one launch for the whole linear).
 struct GemvInput {
   int x_mode = 0;   // 0 int8 x; fp16 x with 1 static per-tensor (x_scale, x_zero), 2 per-token
