@@ -49,6 +49,15 @@ class BuildOptions:
     rotation_kind: str = "hadamard"  # fused R1/R2 matrices: hadamard or random-orthogonal
     weight_rounding: str = "rtn"  # rtn or autoround (mlc_quant/autoround.py); q4f16_autoround implies autoround
     autoround_preset: str = "fast"  # fast (CPU) or paper (the reference defaults)
+    # weights whose linears stay float (fnmatch patterns of IR param names; "lm_head" names the LM
+    # head whether tied to the embedding or not); default: every linear is quantized
+    keep_float: Tuple[str, ...] = ()
+
+
+def resolve_keep_float(patterns, params) -> Tuple[str, ...]:
+    """``lm_head`` -> the LM head's weight: its own (untied, or untied by rotation) or the embedding."""
+    head = "lm_head_weight" if "lm_head_weight" in params else "model_embed_tokens_weight"
+    return tuple(head if p == "lm_head" else p for p in patterns)
 
 
 def parse_target(spec: str) -> tvm.target.Target:
@@ -177,7 +186,8 @@ def build_model(opts: BuildOptions, on_quantized: Optional[Callable] = None,
                                                   block_data=_block_data(opts, config, tokenizer) if block else None)
         result = pipeline.quantize_module(mod, params, scheme, _calibrator(opts, config, params, tokenizer),
                                           alpha=alpha_spec, smooth=opts.smooth and scheme.act != "none",
-                                          quantize_weights=quantize_weights)
+                                          quantize_weights=quantize_weights,
+                                          keep_float=resolve_keep_float(opts.keep_float, params))
         if on_quantized is not None:
             on_quantized(result)
         result.summary["weight_rounding"] = rounding

@@ -34,6 +34,9 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
                    help="what --alpha search minimises: block (decoder block output MSE, default; group output "
                         "where it cannot) or group (output MSE of the group's linears)")
     p.add_argument("--no-smooth", dest="smooth", action="store_false", help="naive W8A8 (no smoothing)")
+    p.add_argument("--keep-float", default="",
+                   help="comma-separated weights whose linears stay float (fnmatch patterns of IR param names; "
+                        "'lm_head' = the LM head, tied or not), e.g. --keep-float lm_head (default: quantize all)")
     p.add_argument("--max-seq-len", type=int, default=2048, help="longest sequence the built model serves")
     p.add_argument("--dataset", default="dummy",
                    help="calibration data: dummy (seeded random ids), shakespeare, or a local .txt/.json/.jsonl/.parquet path")
@@ -77,7 +80,8 @@ def cmd_build(args) -> int:
                         overwrite=args.overwrite, seed=args.seed, rotation=args.rotation,
                         rotation_kind=args.rotation_kind, weight_rounding=args.weight_rounding,
                         autoround_preset=args.autoround_preset, alpha_grid=_grid(args.alpha_grid),
-                        alpha_objective=args.alpha_objective)
+                        alpha_objective=args.alpha_objective,
+                        keep_float=tuple(p for p in args.keep_float.split(",") if p))
     build_model(opts)
     print(f"wrote {output}")
     return 0

@@ -7,6 +7,7 @@ both call :func:`quantize_module`; they differ only in how calibration data is f
 """
 from __future__ import annotations
 
+import fnmatch
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
@@ -60,14 +61,27 @@ class QuantizeResult:
     inv_scales: Dict[str, np.ndarray] = field(default_factory=dict)  # 1/s of every smoothed linear's input
 
 
-def annotate(mod: IRModule, params: Mapping[str, np.ndarray]) -> IRModule:
-    """Step 0: find the linears; check the params against the module."""
+def quantizable_weights(params: Mapping[str, np.ndarray], keep_float: Sequence[str] = ()) -> List[str]:
+    """Weight names the pipeline may quantize: every param but those matching a ``keep_float``
+    pattern (fnmatch; llm-compressor's ``ignore``, e.g. the LM head)."""
+    return [n for n in params if not any(fnmatch.fnmatchcase(n, pat) for pat in keep_float)]
+
+
+def annotate(mod: IRModule, params: Mapping[str, np.ndarray], keep_float: Sequence[str] = ()) -> IRModule:
+    """Step 0: find the linears (those whose weight is not kept float); check the params."""
     all_params = {p.name for f in mod.functions.values() if isinstance(f, relax.Function) for p in f.params}
     unknown = sorted(set(params) - all_params)
     if unknown:
         raise ValueError(f"params {unknown} are not parameters of any function in the module "
                          f"(its parameters: {sorted(all_params)})")
-    mod = AnnotateLinear(weight_names=list(params))(mod)
+    if keep_float:
+        linear_weights = {s.name for ss in module_linears(AnnotateLinear(weight_names=list(params))(mod)).values()
+                          for s in ss}
+        for pat in keep_float:
+            if not any(fnmatch.fnmatchcase(n, pat) for n in linear_weights):
+                raise ValueError(f"keep_float pattern {pat!r} matches no linear weight; linear weights: "
+                                 f"{sorted(linear_weights)}")
+    mod = AnnotateLinear(weight_names=quantizable_weights(params, keep_float))(mod)
     if not module_linears(mod):
         raise ValueError("the module has no linear op: expected matmul(x, permute_dims(w)) or matmul(x, w) with "
                          "w a weight named in params")
@@ -86,8 +100,12 @@ def rtn_weights(params: Dict[str, np.ndarray], sites: Dict, plan: "IRPlan") -> D
 def quantize_module(mod: IRModule, params: Mapping[str, np.ndarray], scheme: str | QuantScheme,
                     calibrate: Calibrator, alpha: Alpha = 0.5, smooth: bool = True,
                     func_names: Optional[Sequence[str]] = None,
-                    quantize_weights: WeightQuantizer = rtn_weights) -> QuantizeResult:
-    """``alpha``: SmoothQuant migration strength: one float for every smoothing group, a mapping
+                    quantize_weights: WeightQuantizer = rtn_weights,
+                    keep_float: Sequence[str] = ()) -> QuantizeResult:
+    """``keep_float``: fnmatch patterns of weights whose linears stay float (not smoothed, not
+    quantized), e.g. the LM head as llm-compressor's ``ignore=["lm_head"]``.
+
+    ``alpha``: SmoothQuant migration strength: one float for every smoothing group, a mapping
     ``{group_key: alpha}`` (per group, as stored in mlc-quant-config.json), or a callable that
     searches per-group alphas once calibration statistics exist (``mlc_quant.alpha_search``)."""
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
@@ -95,12 +113,14 @@ def quantize_module(mod: IRModule, params: Mapping[str, np.ndarray], scheme: str
     for a in (alpha.values() if isinstance(alpha, Mapping) else [] if callable(alpha) else [alpha]):
         if not 0.0 <= float(a) <= 1.0:
             raise ValueError(f"alpha must be in [0, 1] (SmoothQuant migration strength), got {a}")
-    mod = annotate(mod, params)
+    mod = annotate(mod, params, keep_float)
     sites = {s.name: s for ss in module_linears(mod).values() for s in ss}
     funcs = list(func_names) if func_names else list(module_linears(mod))
     summary = {"scheme": scheme.name, "alpha": ("search" if callable(alpha) else "per-group") if per_group else alpha,
                "smooth": bool(smooth and scheme.quantizes), "linears": len(sites)}
-    plan = IRPlan(scheme, list(params))
+    if keep_float:
+        summary["keep_float"] = list(keep_float)
+    plan = IRPlan(scheme, quantizable_weights(params, keep_float))
     if not scheme.quantizes:
         return QuantizeResult(mod, dict(params), None, plan, summary)
     layouts = {n: s.transposed for n, s in sites.items()}

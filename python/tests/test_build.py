@@ -106,6 +106,43 @@ def test_scripts_build_command_line(tiny_model, tmp_path):
     assert (out / artifact.LIB_FILE).is_file()
 
 
+def test_keep_float_lm_head(tiny_model, built, tmp_path, capsys):
+    """--keep-float lm_head: the head stays a float linear (no int8 params, not smoothed), the
+    rest is quantized as before; the IR stays well formed and the artifact runs."""
+    import tvm  # pylint: disable=import-outside-toplevel
+    from tvm import relax  # pylint: disable=import-outside-toplevel
+
+    from mlc_quant import pipeline  # pylint: disable=import-outside-toplevel
+    from mlc_quant.build import resolve_keep_float  # pylint: disable=import-outside-toplevel
+    from mlc_quant.model.llama import export_model  # pylint: disable=import-outside-toplevel
+    from mlc_quant.model.loader import load_config, load_params_dict  # pylint: disable=import-outside-toplevel
+
+    out = tmp_path / "head-float"
+    assert build(tiny_model, out, "smq_q8i8f16_2", "--keep-float", "lm_head") == 0
+    cfg = json.loads((out / artifact.CONFIG_FILE).read_text())["quantization"]
+    full = json.loads((built / artifact.CONFIG_FILE).read_text())["quantization"]
+    assert cfg["keep_float"] == ["lm_head_weight"] and cfg["linears"] == full["linears"] - 1
+    assert cfg["smoothing_groups"]["norm"] == full["smoothing_groups"]["norm"] - 1  # final norm untouched
+    params = artifact.load_safetensors(out / artifact.PARAMS_FILE)
+    assert params["lm_head_weight"].dtype == np.float32 and "lm_head_weight.q" not in params
+    assert "model_layers_0_mlp_down_proj_weight.q" in params
+    assert cli(["generate", str(out), "--prompt", "hello", "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
+    # the pass-level API: patterns, tied heads, a pattern that matches nothing
+    mc = load_config(tiny_model)
+    ps = load_params_dict(tiny_model, mc)
+    assert resolve_keep_float(("lm_head", "x"), {"model_embed_tokens_weight": 0}) == ("model_embed_tokens_weight", "x")
+    mod, _ = export_model(mc, "float32", "llvm")
+    res = pipeline.quantize_module(mod, ps, "smq_q8i8f16_3", calibrate=None, smooth=False,
+                                   keep_float=("*down_proj*",))
+    relax.analysis.well_formed(res.mod)
+    assert not any("down_proj" in k and k.endswith(".q") for k in res.params)
+    assert "model_layers_1_mlp_up_proj_weight.q" in res.params
+    with pytest.raises(ValueError, match="matches no linear weight"):
+        pipeline.quantize_module(mod, ps, "smq_q8i8f16_3", calibrate=None, smooth=False, keep_float=("nope*",))
+    assert isinstance(res.mod, tvm.IRModule)
+
+
 @pytest.mark.parametrize("case", ["exists", "dataset", "seq", "arch", "tokenizer", "config", "scheme"])
 def test_build_errors_are_clear_and_leave_nothing(case, tiny_model, tmp_path, capsys):
     model = tiny_model
