@@ -265,24 +265,88 @@ def sharding_record(params: Mapping[str, np.ndarray], plan: ShardingPlan, scheme
 
 
 def shard_ir_plan(ir_plan, plan: ShardingPlan, reduce_amax: Optional[Callable] = None):
-    """The IRPlan of one shard: explicit ``1/s`` of row-parallel linears split with K (all shards
-    run one module, so the explicit factors must be the same on every shard: they are passed as
-    per-shard *params* would be, hence this returns one plan per shard), the scheme wrapped so a
-    per-token row-parallel linear takes its absmax over the full row."""
+    """``(IRPlan of every shard, [per-shard extra params])``.
+
+    All shards run one compiled module, so what differs between shards must be a param: the
+    explicit ``1/s`` of a row-parallel linear (its K is split) leaves the plan's constants and
+    becomes the param ``<linear>.inv_smooth`` (:func:`lift_input_scales`), one slice per shard.
+    A per-token scheme is wrapped so a row-parallel linear takes its absmax over the full row.
+    """
     from mlc_quant.pipeline import IRPlan
 
     scheme = ir_plan.scheme
     if plan.shards > 1 and scheme.act == "per_token_sym" and plan.row_linears:
         scheme = GlobalAmaxScheme.wrap(scheme, plan.row_linears, reduce_amax)
-    plans = []
-    for i in range(plan.shards):
-        inv = {}
-        for name, v in ir_plan.explicit_inv_scales.items():
-            if plan.kind(name) == "row":
-                v = _split(np.asarray(v), plan.shards, 0)[i]
-            inv[name] = v
-        plans.append(IRPlan(scheme, list(ir_plan.weight_names), inv, dict(ir_plan.act_qparams)))
-    return plans
+    inv = {n: v for n, v in ir_plan.explicit_inv_scales.items() if plan.kind(n) != "row" or plan.shards == 1}
+    extra: List[Dict[str, np.ndarray]] = [{} for _ in range(plan.shards)]
+    for name, v in ir_plan.explicit_inv_scales.items():
+        if name not in inv:
+            for i, part in enumerate(_split(np.asarray(v, dtype=np.float32), plan.shards, 0)):
+                extra[i][f"{name}.inv_smooth"] = part
+    return IRPlan(scheme, list(ir_plan.weight_names), inv, dict(ir_plan.act_qparams)), extra
+
+
+def shard_module(float_mod, ir_plan, plan: ShardingPlan, reduce_sum: Optional[Callable] = None,
+                 reduce_amax: Optional[Callable] = None):
+    """The quantized module of one shard (the same for every shard) and the per-shard extra params.
+
+    ``float_mod``: the float export of :func:`shard_config` (H/N heads, I/N MLP width). Inserts
+    the all-reduce after o/down, lifts explicit row-parallel smoothing into params, then replays
+    the quantization plan.
+    """
+    splan, extra = shard_ir_plan(ir_plan, plan, reduce_amax)
+    mod = float_mod
+    if plan.shards > 1:
+        mod = insert_allreduce(mod, plan.row_linears, reduce_sum)
+        lifted = sorted({k[: -len(".inv_smooth")] for k in extra[0]})
+        if lifted:
+            mod = lift_input_scales(mod, lifted)
+    return splan.apply(mod), extra
+
+
+def lift_input_scales(mod, names: Sequence[str]):
+    """``x * <name>.inv_smooth`` before each linear of ``names``, the factor a new function param
+    (appended after the weights) instead of an IR constant."""
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    from mlc_quant.passes import AnnotateLinear, module_linears
+
+    wanted = set(names)
+    annotated = AnnotateLinear(weight_names=list(wanted))(mod)
+
+    @mutator
+    class _Lift(PyExprMutator):
+        by_out: dict = {}
+        pvars: dict = {}
+
+        def visit_var_binding_(self, binding):
+            site = self.by_out.get(binding.var)
+            if site is None:
+                super().visit_var_binding_(binding)
+                return
+            x = self.visit_expr(site.x)
+            scaled = self.builder_.emit(relax.op.multiply(x, self.pvars[site.name]), name_hint="smooth")
+            call = binding.value
+            new_value = relax.Call(call.op, [scaled, self.visit_expr(call.args[1])], call.attrs)
+            self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(new_value)))
+
+    rewriter = _Lift(annotated)
+    for fname, sites in module_linears(annotated).items():
+        sites = [s for s in sites if s.name in wanted]
+        if not sites:
+            continue
+        gvar = annotated.get_global_var(fname)
+        func = annotated[gvar]
+        rewriter.by_out = {s.out: s for s in sites}
+        rewriter.pvars = {s.name: relax.Var(f"{s.name}.inv_smooth", relax.TensorType([s.in_features],
+                                                                                      str(s.x.ty.dtype)))
+                          for s in sites}
+        new = rewriter.visit_expr(func)
+        new = relax.Function(list(func.params) + list(rewriter.pvars.values()), new.body, new.ret_ty,
+                             new.is_pure, new.attrs, new.span)
+        rewriter.builder_.update_func(gvar, new)
+    return rewriter.builder_.get()
 
 
 def _ccl_allreduce(op_type: str):
@@ -405,12 +469,14 @@ def linear_int(scheme, name: str, params: Mapping[str, np.ndarray], x: np.ndarra
     return y if bias is None else y + bias
 
 
-def row_parallel_int(scheme, name: str, shard_params_: Sequence[Mapping[str, np.ndarray]], x: np.ndarray,
-                     act=None) -> np.ndarray:
-    """A row-parallel linear on ``len(shard_params_)`` shards: each computes its K slice (per-token
-    schemes with the all-reduced absmax), the partial outputs are summed (the all-reduce)."""
+def row_parallel_int(scheme, name: str, shard_params_: Sequence[Mapping[str, np.ndarray]], xs, act=None) -> np.ndarray:
+    """A row-parallel linear on ``len(shard_params_)`` shards: shard ``i`` computes its K slice
+    ``xs[i]`` (``xs``: the slices, or the whole input to split evenly); per-token schemes use the
+    all-reduce(max) of the shards' absmax; the partial outputs are summed (the all-reduce)."""
     n = len(shard_params_)
-    xs = np.split(np.asarray(x, dtype=np.float32), n, axis=-1)
+    if not isinstance(xs, (list, tuple)):
+        xs = np.split(np.asarray(xs, dtype=np.float32), n, axis=-1)
+    xs = [np.asarray(xi, dtype=np.float32) for xi in xs]
     amax = None
     if scheme.quantizes and scheme.act == "per_token_sym":
         amax = np.max([np.abs(xi).max(axis=-1, keepdims=True) for xi in xs], axis=0)  # all-reduce(max)
