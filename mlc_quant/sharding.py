@@ -414,13 +414,13 @@ def insert_allreduce(mod, row_linears: Sequence[str], reduce: Optional[Callable]
                 super().visit_var_binding_(binding)
                 return
             value = self.visit_expr(binding.value)
-            part = self.builder_.emit(value, name_hint=binding.var.name_hint + "_partial")
+            part = self.builder_.emit(value, name_hint=binding.var.name + "_partial")
             dataflow_out = (not isinstance(binding.var, relax.DataflowVar)
                             and self.builder_.current_block_is_dataflow())
             red = reduce(part)
-            red = (self.builder_.emit_output(red, name_hint=binding.var.name_hint) if dataflow_out
-                   else self.builder_.emit(red, name_hint=binding.var.name_hint))
-            self.set_var_remap(binding.var.vid, red)
+            red = (self.builder_.emit_output(red, name_hint=binding.var.name) if dataflow_out
+                   else self.builder_.emit(red, name_hint=binding.var.name))
+            self.set_var_remap(binding.var, red)
 
     rewriter = _Insert(annotated)
     for fname, targets in outs.items():

@@ -317,7 +317,8 @@ def test_relax_tiny_model_sharded_matches_unsharded(scheme_name, tiny_llama_dir,
     qmod = ir.apply(mod)
     used = [p.name for p in qmod["prefill"].params[2:]]
     ids = rng.integers(3, cfg.vocab_size, size=12)
-    ref = Engine(build_cpu(qmod), {k: qparams[k] for k in used}, max_seq_len=64).prefill(ids)
+    ref_engine = Engine(build_cpu(qmod), {k: qparams[k] for k in used}, max_seq_len=64)
+    ref = ref_engine.prefill(ids)
 
     plan = sharding.resolve_plan(cfg, list(params), 2)
     ccl = HostCCL(2)
@@ -327,6 +328,9 @@ def test_relax_tiny_model_sharded_matches_unsharded(scheme_name, tiny_llama_dir,
     for p, e in zip(shard_ps, extra):
         p.update(e)
     assert all(f"{n}.inv_smooth" in shard_ps[0] for n in o_names)
+    text = smod["prefill"].script()
+    assert text.count("host_allreduce_sum") == 2 * cfg.num_hidden_layers  # after o_proj and down_proj
+    assert text.count("host_allreduce_max") == (2 * cfg.num_hidden_layers if scheme.act == "per_token_sym" else 0)
     exe = build_cpu(smod)
     engines = [Engine(exe, p, max_seq_len=64) for p in shard_ps]
     outs = ccl.run([lambda e=e: e.prefill(ids) for e in engines])
@@ -334,8 +338,6 @@ def test_relax_tiny_model_sharded_matches_unsharded(scheme_name, tiny_llama_dir,
         assert _rel(out, ref) < TOL
     # decode one more token too (the KV caches of both shards hold their own heads)
     tok = int(np.argmax(ref[-1]))
-    ref_dec = Engine(build_cpu(qmod), {k: qparams[k] for k in used}, max_seq_len=64)
-    ref_dec.prefill(ids)
-    want = ref_dec.decode(tok)
+    want = ref_engine.decode(tok)
     got = ccl.run([lambda e=e: e.decode(tok) for e in engines])
     assert _rel(got[0], want) < TOL and np.argmax(got[1]) == np.argmax(want)
