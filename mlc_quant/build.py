@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 import tvm
 
-from mlc_quant import alpha_search, artifact, autoround, pipeline, rotation
+from mlc_quant import alpha_search, artifact, autoround, pipeline, rotation, sharding
 from mlc_quant.calibration import stat_names
 from mlc_quant.datasets import calibration_samples
 from mlc_quant.observers import ChannelStatsObserver
@@ -52,6 +52,8 @@ class BuildOptions:
     # weights whose linears stay float (fnmatch patterns of IR param names; "lm_head" names the LM
     # head whether tied to the embedding or not); default: every linear is quantized
     keep_float: Tuple[str, ...] = ()
+    # Megatron tensor parallelism over N devices (mlc_quant/sharding.py; Disco + NCCL at run time)
+    tensor_parallel_shards: int = 1
 
 
 def resolve_keep_float(patterns, params) -> Tuple[str, ...]:
@@ -156,6 +158,7 @@ def build_model(opts: BuildOptions, on_quantized: Optional[Callable] = None,
     config = load_config(path)
     rot = rotation.Rotation(opts.rotation, opts.rotation_kind, opts.seed)
     rotation.check_supported(config, rot)  # a size without a matrix fails before any heavy work
+    tp = sharding.check_build(config, opts.tensor_parallel_shards, target, rot)  # None: not sharded
     rounding = autoround.build_rounding(scheme, opts.weight_rounding, opts.autoround_preset, opts.rotation)
     if opts.max_seq_len > config.max_position_embeddings:
         raise ValueError(f"--max-seq-len={opts.max_seq_len} exceeds the model's maximum "
@@ -204,14 +207,21 @@ def build_model(opts: BuildOptions, on_quantized: Optional[Callable] = None,
             qmod = result.plan.apply(rotation.rotation_ir(mod16, config, rot, target))
             qparams = {k: v.astype(np.float16) if v.dtype == np.float32 and not k.endswith(".scale") else v
                        for k, v in qparams.items()}
+        tp_shards = tp_record = None
+        if tp is not None:  # one module for every shard (H/N heads, I/N MLP, all-reduce), per-shard params
+            qmod, tp_shards, tp_record = sharding.deploy_shards(config, result.plan, qparams, tp, deploy_dtype,
+                                                                target, rot)
         t0 = time.time()
         exe = pipeline.build(qmod, target)
         compile_s = time.time() - t0
         lib_path = tmp / artifact.LIB_FILE
         pipeline.export_library(exe, str(lib_path), target)
         param_order = [p.name for p in qmod["prefill"].params[2:]]
-        artifact.save_safetensors(tmp / artifact.PARAMS_FILE, {k: qparams[k] for k in param_order},
-                                  metadata={"format": "mlc-quant", "scheme": scheme.name})
+        if tp_shards is not None:
+            sharding.save_shards(tmp, tp_shards, scheme.name)
+        else:
+            artifact.save_safetensors(tmp / artifact.PARAMS_FILE, {k: qparams[k] for k in param_order},
+                                      metadata={"format": "mlc-quant", "scheme": scheme.name})
         save_tokenizer(tokenizer, tmp)
         summary = dict(result.summary)
         summary.pop("activation_scales", None)  # kept in the IR constants; too long for the config
@@ -232,6 +242,8 @@ def build_model(opts: BuildOptions, on_quantized: Optional[Callable] = None,
             "build": {"calibrate_s": round(calib_s, 1), "compile_s": round(compile_s, 1),
                       "total_s": round(time.time() - t_start, 1), "peak_rss_mb": round(_peak_rss_mb())},
         }
+        if tp_record is not None:
+            cfg["tensor_parallel"] = tp_record
         (tmp / artifact.CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
         log.info("built %s in %.0f s (peak RSS %.0f MB)", opts.output, time.time() - t_start, _peak_rss_mb())
     return opts.output

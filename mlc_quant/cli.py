@@ -34,6 +34,9 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
                    help="what --alpha search minimises: block (decoder block output MSE, default; group output "
                         "where it cannot) or group (output MSE of the group's linears)")
     p.add_argument("--no-smooth", dest="smooth", action="store_false", help="naive W8A8 (no smoothing)")
+    p.add_argument("--tensor-parallel-shards", type=int, default=1, metavar="N",
+                   help="Megatron tensor parallelism over N GPUs (q/k/v/gate/up by columns, o/down by rows, "
+                        "all-reduce through TVM Disco's NCCL; needs --target cuda; default 1)")
     p.add_argument("--keep-float", default="",
                    help="comma-separated weights whose linears stay float (fnmatch patterns of IR param names; "
                         "'lm_head' = the LM head, tied or not), e.g. --keep-float lm_head (default: quantize all)")
@@ -81,6 +84,7 @@ def cmd_build(args) -> int:
                         rotation_kind=args.rotation_kind, weight_rounding=args.weight_rounding,
                         autoround_preset=args.autoround_preset, alpha_grid=_grid(args.alpha_grid),
                         alpha_objective=args.alpha_objective,
+                        tensor_parallel_shards=args.tensor_parallel_shards,
                         keep_float=tuple(p for p in args.keep_float.split(",") if p))
     build_model(opts)
     print(f"wrote {output}")

@@ -23,6 +23,10 @@ def load_built(build_dir, device: str = "cpu", max_seq_len: Optional[int] = None
     from mlc_quant.runtime import Engine
 
     cfg = artifact.read_config(build_dir)
+    shards = cfg.get("tensor_parallel", {}).get("shards", 1)
+    if shards > 1:
+        raise ValueError(f"{build_dir} is a {shards}-shard tensor-parallel build (params-shard*.safetensors): it runs "
+                         f"only under TVM Disco with NCCL on {shards} GPUs, which this single-device runner does not do")
     lib = pathlib.Path(build_dir) / artifact.LIB_FILE
     if cfg["target"] == "cuda":
         if not device.startswith("cuda"):

@@ -481,3 +481,79 @@ def row_parallel_int(scheme, name: str, shard_params_: Sequence[Mapping[str, np.
     if scheme.quantizes and scheme.act == "per_token_sym":
         amax = np.max([np.abs(xi).max(axis=-1, keepdims=True) for xi in xs], axis=0)  # all-reduce(max)
     return np.sum([linear_int(scheme, name, p, xi, act, amax) for p, xi in zip(shard_params_, xs)], axis=0)
+
+
+# ----------------------------------------------------------------------------- build integration
+
+
+def ccl_available(target) -> Optional[str]:
+    """The Disco CCL that runs an all-reduce on ``target``'s devices, or None.
+
+    TVM's Disco registers ``runtime.disco.<ccl>.init_ccl`` for nccl (CUDA) and rccl (ROCm) only;
+    there is no CPU collective, so a tensor-parallel build cannot run on ``llvm``.
+    """
+    kind = target.kind.name
+    return {"cuda": "nccl", "rocm": "rccl"}.get(kind)
+
+
+def check_build(config, shards: int, target, rot=None) -> Optional[ShardingPlan]:
+    """Fail fast (before calibration) on a tensor-parallel build that cannot be made or run."""
+    if int(shards) == 1:
+        return None
+    from mlc_quant.model.llama import param_shapes
+
+    plan = resolve_plan(config, list(param_shapes(config)), shards)
+    if ccl_available(target) is None:
+        raise ValueError(
+            f"--tensor-parallel-shards {shards} needs a multi-device runtime: TVM Disco with NCCL (--target cuda). "
+            f"TVM's Disco has no CPU collective (no runtime.disco.<ccl>.init_ccl for {target.kind.name}), so a "
+            f"sharded {target.kind.name} build could not run; use --tensor-parallel-shards 1 on the CPU")
+    if rot is not None and rot.has("r4"):
+        raise ValueError("--tensor-parallel-shards > 1 with an online R4 rotation (--rotation r1r2r4/all) is not "
+                         "supported: the online Hadamard of down_proj's input spans the full intermediate width, "
+                         "which row-parallel down_proj splits; use --rotation r1r2")
+    return plan
+
+
+def deploy_shards(config, ir_plan, qparams: Mapping[str, np.ndarray], plan: ShardingPlan, dtype: str, target,
+                  rot=None):
+    """``(shard module, [per-shard params], tensor_parallel record)`` of a quantized model.
+
+    ``ir_plan``/``qparams``: the unsharded quantization (``QuantizeResult.plan``, params in the
+    deploy dtype). The module is the same for every shard (H/N heads, I/N MLP width, all-reduce
+    after o/down through ``relax.op.ccl.allreduce``: Disco's NCCL on CUDA).
+    """
+    from mlc_quant import rotation
+    from mlc_quant.model.llama import export_model
+
+    scfg = shard_config(config, plan.shards)
+    smod, _ = export_model(scfg, dtype, target)
+    if rot is not None:
+        smod = rotation.rotation_ir(smod, scfg, rot, target)
+    qmod, extra = shard_module(smod, ir_plan, plan)
+    shards = shard_params(qparams, plan, ir_plan.scheme, ir_plan.act_qparams)
+    for s, e in zip(shards, extra):
+        s.update({k: v.astype(dtype) for k, v in e.items()})
+    record = sharding_record(qparams, plan, ir_plan.scheme)
+    record["param_split"].update({k: "0" for k in extra[0]})  # lifted explicit smoothing of o/down
+    used = [p.name for p in qmod["prefill"].params[2:]]
+    missing = [k for k in used if k not in shards[0]]
+    if missing:
+        raise AssertionError(f"shard module takes params the shards lack: {missing[:5]}")
+    record["param_split"] = {k: record["param_split"][k] for k in used}
+    return qmod, [{k: s[k] for k in used} for s in shards], record
+
+
+def save_shards(folder, shards: Sequence[Mapping[str, np.ndarray]], scheme_name: str) -> List[str]:
+    """``params-shard{i}.safetensors`` per shard (the layout of ``params.safetensors``)."""
+    import pathlib
+
+    from mlc_quant import artifact
+
+    files = []
+    for i, s in enumerate(shards):
+        name = f"params-shard{i}.safetensors"
+        artifact.save_safetensors(pathlib.Path(folder) / name, s, metadata={
+            "format": "mlc-quant", "scheme": scheme_name, "shard": i, "shards": len(shards)})
+        files.append(name)
+    return files
