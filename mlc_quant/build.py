@@ -54,6 +54,9 @@ class BuildOptions:
     keep_float: Tuple[str, ...] = ()
     # Megatron tensor parallelism over N devices (mlc_quant/sharding.py; Disco + NCCL at run time)
     tensor_parallel_shards: int = 1
+    # compute dtype of the built model: auto = float16 on CUDA, float32 on the CPU; float16 on the
+    # CPU computes what the CUDA build computes (to compare targets, or to halve CPU weight memory)
+    dtype: str = "auto"
 
 
 def resolve_keep_float(patterns, params) -> Tuple[str, ...]:
@@ -156,6 +159,11 @@ def build_model(opts: BuildOptions, on_quantized: Optional[Callable] = None,
         raise ValueError("--output DIR is required")
     path = resolve_model(opts.model)
     config = load_config(path)
+    if opts.dtype not in ("auto", "float32", "float16"):
+        raise ValueError(f"--dtype must be auto, float32 or float16, got {opts.dtype!r}")
+    if target.kind.name == "cuda" and opts.dtype == "float32":
+        raise ValueError("--dtype float32 is not supported for CUDA builds (the kernels are fp16); "
+                         "use --dtype auto or float16")
     rot = rotation.Rotation(opts.rotation, opts.rotation_kind, opts.seed)
     rotation.check_supported(config, rot)  # a size without a matrix fails before any heavy work
     tp = sharding.check_build(config, opts.tensor_parallel_shards, target, rot)  # None: not sharded
@@ -199,10 +207,10 @@ def build_model(opts: BuildOptions, on_quantized: Optional[Callable] = None,
         calib_s = time.time() - t_start
         del params
         qmod, qparams = result.mod, result.params
-        deploy_dtype = "float32"
-        if target.kind.name == "cuda":
-            # Re-export in fp16 with the GPU KV cache and replay the same IR decisions.
-            deploy_dtype = "float16"
+        deploy_dtype = "float16" if target.kind.name == "cuda" or opts.dtype == "float16" else "float32"
+        if deploy_dtype == "float16":
+            # Re-export in fp16 (with the GPU KV cache on CUDA) and replay the same IR decisions;
+            # calibration always runs on the fp32 CPU build.
             mod16, _ = export_model(config, "float16", target)
             qmod = result.plan.apply(rotation.rotation_ir(mod16, config, rot, target))
             qparams = {k: v.astype(np.float16) if v.dtype == np.float32 and not k.endswith(".scale") else v

@@ -37,6 +37,8 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-shards", type=int, default=1, metavar="N",
                    help="Megatron tensor parallelism over N GPUs (q/k/v/gate/up by columns, o/down by rows, "
                         "all-reduce through TVM Disco's NCCL; needs --target cuda; default 1)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16"],
+                   help="compute dtype of the built model (default auto: float16 on CUDA, float32 on the CPU)")
     p.add_argument("--keep-float", default="",
                    help="comma-separated weights whose linears stay float (fnmatch patterns of IR param names; "
                         "'lm_head' = the LM head, tied or not), e.g. --keep-float lm_head (default: quantize all)")
@@ -85,7 +87,7 @@ def cmd_build(args) -> int:
                         autoround_preset=args.autoround_preset, alpha_grid=_grid(args.alpha_grid),
                         alpha_objective=args.alpha_objective,
                         tensor_parallel_shards=args.tensor_parallel_shards,
-                        keep_float=tuple(p for p in args.keep_float.split(",") if p))
+                        keep_float=tuple(p for p in args.keep_float.split(",") if p), dtype=args.dtype)
     build_model(opts)
     print(f"wrote {output}")
     return 0

@@ -34,6 +34,7 @@ def main():
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--schemes", default="", help="comma-separated subset of the configs' schemes")
     p.add_argument("--out", default="docs/accuracy.json")
+    p.add_argument("--keep-float", default="", help="e.g. lm_head: linears kept float (suffixes the row keys)")
     p.add_argument("--skip-existing", action="store_true", help="keep rows already in --out (resume a sweep)")
     args = p.parse_args()
     configs = [c for c in CONFIGS if not args.schemes or c[0] in args.schemes.split(",")]
@@ -43,13 +44,16 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for scheme, smooth in configs:
             key = f"{scheme}{'' if smooth or scheme.startswith('q0') else ' (naive)'}"
+            keep = tuple(x for x in args.keep_float.split(",") if x) if not scheme.startswith("q0") else ()
+            key += f" (keep float: {','.join(keep)})" if keep else ""
             if args.skip_existing and key in results["runs"]:
                 continue
             out = os.path.join(tmp, key.replace(" ", "_"))
             t0 = time.time()
             build_model(BuildOptions(model=args.model, quantization=scheme, output=out, alpha=args.alpha,
                                      smooth=smooth, max_seq_len=args.ctx, dataset=args.dataset,
-                                     calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len))
+                                     calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+                                     keep_float=keep))
             t_build = time.time() - t0
             engine, tokenizer, _ = load_built(out, max_seq_len=args.ctx)
             if tokens is None:
@@ -58,7 +62,7 @@ def main():
                     tokens = tokens[: args.ctx * args.max_windows]
             t0 = time.time()
             ppl = engine.perplexity(tokens, args.ctx)
-            results["runs"][key] = {"perplexity": ppl, "scheme": scheme, "smooth": smooth,
+            results["runs"][key] = {"perplexity": ppl, "scheme": scheme, "smooth": smooth, "keep_float": list(keep),
                                     "build_s": round(t_build, 1), "eval_s": round(time.time() - t0, 1)}
             print(f"{key:28s} perplexity {ppl:.4f}  (build {t_build:.0f} s)", flush=True)
             del engine

@@ -51,6 +51,7 @@ def main():
     p.add_argument("--max-windows", type=int, default=16, help="evaluate the first N windows (0 = all)")
     p.add_argument("--only", default="", help="comma-separated config keys (default: all)")
     p.add_argument("--out", default="docs/rotation_accuracy.json")
+    p.add_argument("--keep-float", default="", help="e.g. lm_head: linears kept float (suffixes the row keys)")
     p.add_argument("--dataset", default="shakespeare", help="calibration text of smoothed configs")
     p.add_argument("--calib-samples", type=int, default=8)
     p.add_argument("--calib-seq-len", type=int, default=256)
@@ -62,12 +63,14 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for scheme, rot, kind, smooth in configs:
             key = key_of(scheme, rot, kind, smooth)
+            keep = tuple(x for x in args.keep_float.split(",") if x) if not scheme.startswith("q0") else ()
+            key += f" keep-float={','.join(keep)}" if keep else ""
             out = os.path.join(tmp, key.replace(" ", "_").replace("=", "-"))
             t0 = time.time()
             build_model(BuildOptions(model=args.model, quantization=scheme, output=out, smooth=smooth,
                                      max_seq_len=args.ctx, rotation=rot, rotation_kind=kind,
                                      dataset=args.dataset, calib_samples=args.calib_samples,
-                                     calib_seq_len=args.calib_seq_len))
+                                     calib_seq_len=args.calib_seq_len, keep_float=keep))
             t_build = time.time() - t0
             engine, tokenizer, _ = load_built(out, max_seq_len=args.ctx)
             if tokens is None:

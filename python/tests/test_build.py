@@ -106,6 +106,27 @@ def test_scripts_build_command_line(tiny_model, tmp_path):
     assert (out / artifact.LIB_FILE).is_file()
 
 
+def test_dtype_float16_cpu_build(tiny_model, built, tmp_path):
+    """--dtype float16 on the CPU: the same plan (calibrated in fp32) replayed on an fp16 export,
+    what a CUDA build computes; its logits stay close to the fp32 build's."""
+    from mlc_quant.runner import load_built  # pylint: disable=import-outside-toplevel
+
+    out = tmp_path / "f16"
+    assert build(tiny_model, out, "smq_q8i8f16_2", "--dtype", "float16") == 0
+    cfg = json.loads((out / artifact.CONFIG_FILE).read_text())
+    assert cfg["dtype"] == "float16" and cfg["target"] == "llvm"
+    params = artifact.load_safetensors(out / artifact.PARAMS_FILE)
+    assert params["model_layers_0_input_layernorm_weight"].dtype == np.float16
+    assert params["model_layers_0_mlp_down_proj_weight.q"].dtype == np.int8
+    prompt = [5, 17, 33, 101, 7, 250, 3, 9]
+    ref = load_built(built)[0].prefill(prompt)
+    got = load_built(out)[0].prefill(prompt).astype(np.float32)
+    # fp16 activations move this tiny random W8A8 model's logits by a few % (requantization flips)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.1
+    assert build(tiny_model, tmp_path / "bad", "smq_q8i8f16_2", "--dtype", "float32", "--target", "cuda") == 2
+    assert not (tmp_path / "bad").exists()
+
+
 def test_keep_float_lm_head(tiny_model, built, tmp_path, capsys):
     """--keep-float lm_head: the head stays a float linear (no int8 params, not smoothed), the
     rest is quantized as before; the IR stays well formed and the artifact runs."""
