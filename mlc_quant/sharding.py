@@ -231,7 +231,7 @@ def param_split_axes(params: Mapping[str, np.ndarray], plan: ShardingPlan, schem
     for key, value in params.items():
         base = base_weight_name(key)
         is_bias = key.endswith("bias") and key[: -len("bias")] + "weight" in plan.linears
-        kind = plan.linears.get(_bias_name(base)[: -len("bias")] + "weight" if is_bias else base)
+        kind = plan.linears.get(key[: -len("bias")] + "weight" if is_bias else base)
         if kind is None or plan.shards == 1:
             rec[key] = "replicated"
         elif is_bias:

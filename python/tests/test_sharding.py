@@ -400,3 +400,22 @@ def test_deploy_shards_compiles_and_saves(tiny_llama_dir, tmp_path):
     back = artifact.load_safetensors(tmp_path / files[1])
     for k in names:
         assert np.array_equal(back[k], shards[1][k])
+
+
+def test_record_of_biases_and_float_linears(rng):
+    """Qwen2-style q/k/v biases (split with the rows), a row-parallel bias (shard 0), float linears."""
+    plan = sharding.ShardingPlan(2, {"l_q_proj_weight": "column", "l_o_proj_weight": "row"}, 2, 2, 4, 8)
+    params = {"l_q_proj_weight": rng.normal(size=(8, 8)).astype(np.float32),
+              "l_q_proj_bias": np.arange(8, dtype=np.float32),
+              "l_o_proj_weight": rng.normal(size=(8, 8)).astype(np.float32),
+              "l_o_proj_bias": np.ones(8, np.float32), "norm_weight": np.ones(8, np.float32)}
+    scheme = get_scheme("q0f32")
+    rec = sharding.param_split_axes(params, plan, scheme)
+    assert rec == {"l_q_proj_weight": "0", "l_q_proj_bias": "0", "l_o_proj_weight": "1", "l_o_proj_bias": "shard0",
+                   "norm_weight": "replicated"}
+    shards = sharding.shard_params(params, plan, scheme)
+    assert np.array_equal(shards[1]["l_q_proj_bias"], np.arange(4, 8)) and shards[1]["l_q_proj_weight"].shape == (4, 8)
+    assert shards[1]["l_o_proj_weight"].shape == (8, 4) and not shards[1]["l_o_proj_bias"].any()
+    x = rng.normal(size=(3, 8)).astype(np.float32)
+    ref = sharding.linear_int(scheme, "l_o_proj_weight", params, x)
+    assert _rel(sharding.row_parallel_int(scheme, "l_o_proj_weight", shards, x), ref) < TOL
