@@ -76,16 +76,22 @@ def synthetic_plan(mod, weight_names: Sequence[str], scheme, seed: int = 0):
         rng = np.random.default_rng(seed)
         sites = {s.name: s for ss in module_linears(AnnotateLinear(weight_names=list(weight_names))(mod)).values()
                  for s in ss}
+        # linears that read the same x (q/k/v, gate/up) get the same scale, as calibration gives
+        # them (same statistics, same smoothing), so MergeSiblingLinears can merge them
+        by_input: Dict = {}
         for name in sorted(sites):
-            k = 64  # per-channel stats are reduced to a per-tensor scale: the width does not matter
-            absmax = np.abs(rng.standard_normal(k)).astype(np.float32) * 2 + 0.5
-            stats = {"absmax": absmax, "min": -absmax * rng.uniform(0.5, 1.0), "max": absmax}
-            plan.act_qparams[name] = scheme.act_qparams(stats)
+            key = (sites[name].func, sites[name].x)
+            if key not in by_input:
+                k = 64  # per-channel stats are reduced to a per-tensor scale: the width does not matter
+                absmax = np.abs(rng.standard_normal(k)).astype(np.float32) * 2 + 0.5
+                stats = {"absmax": absmax, "min": -absmax * rng.uniform(0.5, 1.0), "max": absmax}
+                by_input[key] = scheme.act_qparams(stats)
+            plan.act_qparams[name] = by_input[key]
     return plan
 
 
 def build_one(config, scheme_name: str, out_dir, target: str = "cuda", seed: int = 0,
-              strict: bool = True, cuda_graph: bool = False) -> Dict:
+              strict: bool = True, cuda_graph: bool = False, merge_linears: Optional[bool] = None) -> Dict:
     """Build one benchmark library into ``out_dir``; returns its manifest."""
     import tvm  # pylint: disable=import-outside-toplevel
 
@@ -104,6 +110,13 @@ def build_one(config, scheme_name: str, out_dir, target: str = "cuda", seed: int
     dtype = "float16" if cuda else "float32"  # a CPU build exists to test this module without a GPU
     mod, names = export_model(config, dtype, tgt if cuda else "llvm")
     qmod = synthetic_plan(mod, names, scheme, seed).apply(mod) if scheme.quantizes else mod
+    merges = []
+    if cuda if merge_linears is None else merge_linears:  # q/k/v and gate/up as one linear each
+        from mlc_quant.passes.merge_sibling_linears import MergeSiblingLinears  # pylint: disable=import-outside-toplevel
+
+        merger = MergeSiblingLinears(scheme)
+        qmod = merger(qmod)
+        merges = merger.merges
     params = [(p.name, [int(d) for d in p.ty.shape.values], str(p.ty.dtype)) for p in qmod["prefill"].params[2:]]
     t1 = time.time()
     if cuda:
@@ -118,7 +131,7 @@ def build_one(config, scheme_name: str, out_dir, target: str = "cuda", seed: int
     manifest = {
         "model_config": config.to_dict(), "scheme": scheme_name, "dtype": dtype, "target": target,
         "params": params, "synthetic_plan": bool(scheme.static_activations), "seed": seed,
-        "cuda_graph": bool(cuda_graph),
+        "cuda_graph": bool(cuda_graph), "merged_linears": [m.to_dict() for m in merges],
         "build": {"compile_s": round(compile_s, 1), "total_s": round(time.time() - t0, 1)},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -127,13 +140,13 @@ def build_one(config, scheme_name: str, out_dir, target: str = "cuda", seed: int
 
 
 def build_all(configs: Sequence[str], schemes: Sequence[str], out_root, target: str = "cuda",
-              seed: int = 0, cuda_graph: bool = False) -> List[str]:
+              seed: int = 0, cuda_graph: bool = False, merge_linears: Optional[bool] = None) -> List[str]:
     done = []
     for cname in configs:
         config = bench_config(cname)
         for s in schemes:
             d = pathlib.Path(out_root) / _slug(cname) / s
-            build_one(config, s, d, target, seed, cuda_graph=cuda_graph)
+            build_one(config, s, d, target, seed, cuda_graph=cuda_graph, merge_linears=merge_linears)
             done.append(str(d))
     return done
 
@@ -589,6 +602,8 @@ def add_args(p) -> None:
     b.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help="compile with relax.backend.use_cuda_graph (default on: decode replays one graph "
                         "instead of ~550 launches per token; --no-cuda-graph for the plain VM)")
+    b.add_argument("--merge-linears", action=argparse.BooleanOptionalAction, default=None,
+                   help="merge q/k/v and gate/up into one linear each (default: on for CUDA builds)")
     r = sub.add_parser("run", help="measure the built libraries on the GPU (TVM runtime only) + transformers")
     r.add_argument("dir")
     r.add_argument("--json", default="bench.json")
@@ -612,7 +627,7 @@ def main(args) -> int:
     if args.bench_command == "build":
         configs = args.config or ["llama2-7b", "smollm2"]
         done = build_all(configs, [s for s in args.schemes.split(",") if s], args.output, args.target, args.seed,
-                         cuda_graph=args.cuda_graph)
+                         cuda_graph=args.cuda_graph, merge_linears=args.merge_linears)
         print("\n".join(done))
         return 0
     if args.bench_command == "run":

@@ -57,6 +57,8 @@ class BuildOptions:
     # compute dtype of the built model: auto = float16 on CUDA, float32 on the CPU; float16 on the
     # CPU computes what the CUDA build computes (to compare targets, or to halve CPU weight memory)
     dtype: str = "auto"
+    # one wide linear for q/k/v and for gate/up (passes/merge_sibling_linears.py); None: CUDA only
+    merge_linears: Optional[bool] = None
 
 
 def resolve_keep_float(patterns, params) -> Tuple[str, ...]:
@@ -219,6 +221,9 @@ def build_model(opts: BuildOptions, on_quantized: Optional[Callable] = None,
         if tp is not None:  # one module for every shard (H/N heads, I/N MLP, all-reduce), per-shard params
             qmod, tp_shards, tp_record = sharding.deploy_shards(config, result.plan, qparams, tp, deploy_dtype,
                                                                 target, rot)
+        merges = []
+        if (target.kind.name == "cuda" if opts.merge_linears is None else opts.merge_linears) and tp is None:
+            qmod, qparams, merges = pipeline.merge_linears(qmod, qparams, scheme)
         t0 = time.time()
         exe = pipeline.build(qmod, target)
         compile_s = time.time() - t0
@@ -247,6 +252,7 @@ def build_model(opts: BuildOptions, on_quantized: Optional[Callable] = None,
             "target": str(target.kind.name), "target_spec": opts.target, "dtype": deploy_dtype,
             "max_seq_len": opts.max_seq_len,
             "params": param_order,
+            "merged_linears": [m.to_dict() for m in merges],
             "build": {"calibrate_s": round(calib_s, 1), "compile_s": round(compile_s, 1),
                       "total_s": round(time.time() - t_start, 1), "peak_rss_mb": round(_peak_rss_mb())},
         }

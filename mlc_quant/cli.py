@@ -50,6 +50,8 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-decode-steps", type=int, default=4,
                    help="of each sequence, the last N tokens run through decode, the rest through prefill")
     p.add_argument("--target", default="llvm", help="llvm (default), cuda (sm_90) or cuda:sm_XX")
+    p.add_argument("--merge-linears", action=argparse.BooleanOptionalAction, default=None,
+                   help="one wide linear for q/k/v and for gate/up (default: on for CUDA, off on the CPU)")
     p.add_argument("--output", "-o", default=None, help="output directory (default: out/<model>-<scheme>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--seed", type=int, default=0)
@@ -87,7 +89,8 @@ def cmd_build(args) -> int:
                         autoround_preset=args.autoround_preset, alpha_grid=_grid(args.alpha_grid),
                         alpha_objective=args.alpha_objective,
                         tensor_parallel_shards=args.tensor_parallel_shards,
-                        keep_float=tuple(p for p in args.keep_float.split(",") if p), dtype=args.dtype)
+                        keep_float=tuple(p for p in args.keep_float.split(",") if p), dtype=args.dtype,
+                        merge_linears=args.merge_linears)
     build_model(opts)
     print(f"wrote {output}")
     return 0

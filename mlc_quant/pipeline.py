@@ -170,6 +170,17 @@ def quantize_module(mod: IRModule, params: Mapping[str, np.ndarray], scheme: str
     return QuantizeResult(mod, qparams, observer, plan, summary, inv_scale)
 
 
+def merge_linears(mod: IRModule, params: Mapping[str, np.ndarray], scheme=None):
+    """Merge the linears that read the same x (q/k/v, gate/up) into one wide linear each
+    (``passes/merge_sibling_linears.py``); returns (module, its params, the merges)."""
+    from mlc_quant.passes.merge_sibling_linears import MergeSiblingLinears, merge_params
+
+    scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
+    merger = MergeSiblingLinears(scheme)
+    mod = merger(mod)
+    return mod, merge_params(params, merger.merges), merger.merges
+
+
 def bind_params(mod: IRModule, params: Mapping[str, np.ndarray]) -> IRModule:
     """Bind weight params as constants in every function that takes them."""
     for gvar, func in list(mod.functions_items()):

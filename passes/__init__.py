@@ -9,3 +9,6 @@ from .smooth_linear import SmoothLinear, SmoothGroup, find_smoothing_groups
 from .quantize_linear import QuantizeLinear
 
 __all__ += ["SmoothLinear", "SmoothGroup", "find_smoothing_groups", "QuantizeLinear"]
+from .merge_sibling_linears import MergeSiblingLinears, merge_params, merged_linears
+
+__all__ += ["MergeSiblingLinears", "merge_params", "merged_linears"]

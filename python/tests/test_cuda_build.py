@@ -172,7 +172,9 @@ def test_build_cli_cuda_target(tiny_llama_dir, tmp_path, caplog):
     assert "not offloaded" not in caplog.text
     cfg = json.loads((out / artifact.CONFIG_FILE).read_text())
     assert cfg["target"] == "cuda" and cfg["dtype"] == "float16"
+    assert len(cfg["merged_linears"]) == 2 * cfg["model_config"]["num_hidden_layers"]  # q/k/v, gate/up
     params = artifact.load_safetensors(out / artifact.PARAMS_FILE)
+    assert sorted(params) == sorted(cfg["params"]) and "model_layers_0_self_attn_qkv_proj_weight.q" in params
     assert {str(v.dtype) for k, v in params.items() if not k.endswith((".q", ".scale", ".zp", ".corr"))} == {"float16"}
     data = (out / artifact.LIB_FILE).read_bytes()
     assert b"\x06\x00\x00\x00\x00\x00\x00\x00fatbin" in data
