@@ -203,6 +203,7 @@ def relax_block_outputs(cfg: LlamaConfig, params, xs: np.ndarray) -> np.ndarray:
     class RelaxBlock(nn.Module):
         def __init__(self):
             self.config, self.dtype, self.target = cfg, "float32", Target("llvm")
+            self.prefill_attention = "tir"  # CPU: TVM's kernels (what LlamaForCausalLM picks on llvm)
             self.layer = LlamaDecoderLayer(cfg)
 
         def block(self, x, paged_kv_cache):
