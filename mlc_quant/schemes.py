@@ -128,6 +128,10 @@ class QuantScheme:
         }
 
     # ---- IR ---------------------------------------------------------------------------------
+    def emit_token_amax(self, bb: relax.BlockBuilder, xf: relax.Expr, name: str) -> relax.Expr:
+        """Per-token max |x| of a per-token scheme's input (sharding reduces it across shards)."""
+        return bb.emit(relax.op.max(relax.op.abs(xf), axis=[-1], keepdims=True))
+
     def emit_linear(self, bb: relax.BlockBuilder, x: relax.Expr, wparams: Dict[str, relax.Expr],
                     name: str, act: Optional[ActQParams]) -> relax.Expr:
         """The quantized replacement of ``matmul(x, W^T)`` (see docs/design.md).
@@ -140,7 +144,7 @@ class QuantScheme:
         wq_t = bb.emit(op.permute_dims(wparams[f"{name}.q"]))
         if self.act == "per_token_sym":
             xf = x if dtype == "float32" else bb.emit(op.astype(x, "float32"))
-            amax = bb.emit(op.max(op.abs(xf), axis=[-1], keepdims=True))
+            amax = self.emit_token_amax(bb, xf, name)
             s = bb.emit(op.maximum(op.divide(amax, relax.const(float(self.a_qmax), "float32")),
                                    relax.const(_EPS, "float32")))
             xq = bb.emit(op.astype(op.clip(op.round(op.divide(xf, s)), -self.a_qmax, self.a_qmax), "int8"))

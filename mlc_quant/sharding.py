@@ -368,24 +368,11 @@ class GlobalAmaxScheme(QuantScheme):
         fields = {f.name: getattr(scheme, f.name) for f in dataclasses.fields(QuantScheme)}
         return cls(**fields, row_linears=frozenset(row_linears), reduce_amax=reduce_amax)
 
-    def emit_linear(self, bb, x, wparams, name, act):
-        if name not in self.row_linears or self.act != "per_token_sym":
-            return super().emit_linear(bb, x, wparams, name, act)
-        from tvm import relax
-
-        op = relax.op
-        dtype = str(x.ty.dtype)
-        reduce = self.reduce_amax or _ccl_allreduce("max")
-        wq_t = bb.emit(op.permute_dims(wparams[f"{name}.q"]))
-        xf = x if dtype == "float32" else bb.emit(op.astype(x, "float32"))
-        local = bb.emit(op.max(op.abs(xf), axis=[-1], keepdims=True))
-        amax = bb.emit(reduce(local))
-        s = bb.emit(op.maximum(op.divide(amax, relax.const(float(self.a_qmax), "float32")),
-                               relax.const(_EPS, "float32")))
-        xq = bb.emit(op.astype(op.clip(op.round(op.divide(xf, s)), -self.a_qmax, self.a_qmax), "int8"))
-        acc = bb.emit(op.matmul(xq, wq_t, out_dtype="int32"))
-        y = op.multiply(op.multiply(op.astype(acc, "float32"), s), wparams[f"{name}.scale"])
-        return y if dtype == "float32" else op.astype(bb.emit(y), dtype)
+    def emit_token_amax(self, bb, xf, name):
+        local = super().emit_token_amax(bb, xf, name)
+        if name not in self.row_linears:
+            return local
+        return bb.emit((self.reduce_amax or _ccl_allreduce("max"))(local))
 
 
 def insert_allreduce(mod, row_linears: Sequence[str], reduce: Optional[Callable] = None):
