@@ -241,7 +241,7 @@ def test_gpu_smollm2_w8a8_matches_cpu_build():
     expect = json.loads((d / "expect.json").read_text())
     engine, _, _ = load_built(d / "cuda", device="cuda", max_seq_len=expect["ctx"])
     tokens = greedy_tokens(engine, expect["prompt"], GREEDY_TOKENS)
-    forced = teacher_forced_argmax(engine, expect["prompt"], expect["tokens"])
+    forced, _ = teacher_forced(engine, expect["prompt"], expect["tokens"])
     ppl = engine.perplexity(expect["ppl_ids"], expect["ctx"])
     margins = expect.get("margins")
     result = {"tokens": tokens, "ppl": ppl, "cpu_tokens": expect["tokens"], "cpu_ppl": expect["ppl"],
@@ -273,27 +273,18 @@ def test_gpu_smollm2_w8a8_matches_cpu_build():
         assert tokens == expect["tokens"], result
 
 
-def top2_margins(engine, prompt, tokens):
-    """Top-1 minus top-2 logit at every step of a greedy path (how close each choice was)."""
+def teacher_forced(engine, prompt, tokens):
+    """Feed ``tokens`` (another build's greedy path) after a fresh prefill of ``prompt``; at every
+    step the engine's argmax and its top-1 minus top-2 logit (how close each choice was)."""
     engine.reset()
     logits = engine.prefill(prompt)[-1]
-    out = []
+    argmax, margins = [], []
     for t in tokens:
         top = np.sort(np.asarray(logits, np.float64))[::-1]
-        out.append(float(top[0] - top[1]))
+        argmax.append(int(np.argmax(logits)))
+        margins.append(float(top[0] - top[1]))
         logits = engine.decode(t)
-    return out
-
-
-def teacher_forced_argmax(engine, prompt, tokens):
-    """The engine's argmax at every step when it is fed ``tokens`` (another build's greedy path)."""
-    engine.reset()
-    logits = engine.prefill(prompt)[-1]
-    out = []
-    for t in tokens:
-        out.append(int(np.argmax(logits)))
-        logits = engine.decode(t)
-    return out
+    return argmax, margins
 
 
 # =============================================================================================
@@ -393,7 +384,7 @@ def make_smollm2(out: Path, cpu_build: Path, cuda_build: Path, ctx: int = 512, w
     engine, tok, _ = load_built(cpu_build, max_seq_len=ctx)
     prompt_ids = tok.encode(prompt)
     tokens = greedy_tokens(engine, prompt_ids, GREEDY_TOKENS)
-    margins = top2_margins(engine, prompt_ids, tokens)
+    _, margins = teacher_forced(engine, prompt_ids, tokens)
     ppl_ids = tok.encode(read_text("britannica"))[: ctx * windows]
     ppl = engine.perplexity(ppl_ids, ctx)
     expect = {"prompt_text": prompt, "prompt": prompt_ids, "tokens": tokens, "text": tok.decode(tokens),
