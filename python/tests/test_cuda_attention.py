@@ -32,28 +32,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_cuda_kernels import _full_tvm, _nvcc  # noqa: E402  the same probes as the GEMM kernels' tests
 
 KERNEL = "mlcq_attn_prefill_ragged"
 OUT_ATOL, OUT_RTOL, LSE_ATOL = 4e-3, 4e-3, 1e-3
 LLAMA_SHAPE = (32, 32, 128)  # Llama-2-7B: heads, kv heads, head_dim
 TIR_CASES = {"llama7b": LLAMA_SHAPE, "gqa64": (8, 2, 64), "gqa128": (8, 2, 128)}
-
-
-def _full_tvm() -> bool:
-    try:
-        import tvm.relax  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-    except Exception:  # pylint: disable=broad-except
-        return False
-    return True
-
-
-def _nvcc():
-    if not _full_tvm():
-        return None
-    from mlc_quant.kernels import find_nvcc  # pylint: disable=import-outside-toplevel
-
-    return find_nvcc()
-
 
 needs_build = pytest.mark.skipif(not _full_tvm() or _nvcc() is None, reason="needs nvcc and the full TVM")
 
