@@ -142,6 +142,15 @@ def _block_data(opts: BuildOptions, config, tokenizer) -> Callable:
     return block_data
 
 
+def _deploy_dtype(dtype: str, target) -> str:
+    """auto: float16 on CUDA (the fast path), float32 on the CPU. ``--dtype float32`` on CUDA keeps
+    every activation in fp32 (int8 GEMMs dequantize to fp32 through cuBLASLt + the epilogue
+    kernel, attention on TVM's kernels): slower, but it computes what the fp32 CPU build does."""
+    if dtype == "auto":
+        return "float16" if target.kind.name == "cuda" else "float32"
+    return dtype
+
+
 def build_model(opts: BuildOptions, on_quantized: Optional[Callable] = None,
                 capture: Optional[Callable] = None) -> str:
     """Build ``opts.model`` with ``opts.quantization`` into ``opts.output``; returns the path.
@@ -163,9 +172,6 @@ def build_model(opts: BuildOptions, on_quantized: Optional[Callable] = None,
     config = load_config(path)
     if opts.dtype not in ("auto", "float32", "float16"):
         raise ValueError(f"--dtype must be auto, float32 or float16, got {opts.dtype!r}")
-    if target.kind.name == "cuda" and opts.dtype == "float32":
-        raise ValueError("--dtype float32 is not supported for CUDA builds (the kernels are fp16); "
-                         "use --dtype auto or float16")
     rot = rotation.Rotation(opts.rotation, opts.rotation_kind, opts.seed)
     rotation.check_supported(config, rot)  # a size without a matrix fails before any heavy work
     tp = sharding.check_build(config, opts.tensor_parallel_shards, target, rot)  # None: not sharded
@@ -209,14 +215,15 @@ def build_model(opts: BuildOptions, on_quantized: Optional[Callable] = None,
         calib_s = time.time() - t_start
         del params
         qmod, qparams = result.mod, result.params
-        deploy_dtype = "float16" if target.kind.name == "cuda" or opts.dtype == "float16" else "float32"
-        if deploy_dtype == "float16":
-            # Re-export in fp16 (with the GPU KV cache on CUDA) and replay the same IR decisions;
-            # calibration always runs on the fp32 CPU build.
-            mod16, _ = export_model(config, "float16", target)
-            qmod = result.plan.apply(rotation.rotation_ir(mod16, config, rot, target))
-            qparams = {k: v.astype(np.float16) if v.dtype == np.float32 and not k.endswith(".scale") else v
-                       for k, v in qparams.items()}
+        deploy_dtype = _deploy_dtype(opts.dtype, target)
+        if deploy_dtype == "float16" or target.kind.name == "cuda":
+            # Re-export for the target (the GPU KV cache on CUDA; fp16 unless --dtype float32) and
+            # replay the same IR decisions; calibration always runs on the fp32 CPU build.
+            mod_t, _ = export_model(config, deploy_dtype, target)
+            qmod = result.plan.apply(rotation.rotation_ir(mod_t, config, rot, target))
+            if deploy_dtype == "float16":
+                qparams = {k: v.astype(np.float16) if v.dtype == np.float32 and not k.endswith(".scale") else v
+                           for k, v in qparams.items()}
         tp_shards = tp_record = None
         if tp is not None:  # one module for every shard (H/N heads, I/N MLP, all-reduce), per-shard params
             qmod, tp_shards, tp_record = sharding.deploy_shards(config, result.plan, qparams, tp, deploy_dtype,

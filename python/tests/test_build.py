@@ -123,7 +123,11 @@ def test_dtype_float16_cpu_build(tiny_model, built, tmp_path):
     got = load_built(out)[0].prefill(prompt).astype(np.float32)
     # fp16 activations move this tiny random W8A8 model's logits by a few % (requantization flips)
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.1
-    assert build(tiny_model, tmp_path / "bad", "smq_q8i8f16_2", "--dtype", "float32", "--target", "cuda") == 2
+    from mlc_quant.build import BuildOptions, build_model  # pylint: disable=import-outside-toplevel
+
+    with pytest.raises(ValueError, match="--dtype must be auto, float32 or float16"):
+        build_model(BuildOptions(model=tiny_model, quantization="smq_q8i8f16_2", dtype="float64",
+                                 output=str(tmp_path / "bad")))
     assert not (tmp_path / "bad").exists()
 
 
