@@ -20,7 +20,7 @@ import pathlib
 import shutil
 import struct
 import tempfile
-from typing import Dict, Iterator, Mapping
+from typing import Callable, Dict, Iterator, Mapping, Sequence, Tuple
 
 import numpy as np
 
@@ -44,15 +44,68 @@ def save_safetensors(path, tensors: Mapping[str, np.ndarray], metadata: Mapping[
                         "data_offsets": [offset, offset + arr.nbytes]}
         offset += arr.nbytes
         arrays.append(arr)
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # align the data to 8 bytes
+    blob = _header_blob(header, metadata)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for arr in arrays:
             f.write(arr.tobytes())
+
+
+def _header_blob(header: dict, metadata: Mapping[str, str] | None) -> bytes:
+    if metadata:
+        header = {**header, "__metadata__": {str(k): str(v) for k, v in metadata.items()}}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    return blob + b" " * (-len(blob) % 8)  # align the data to 8 bytes
+
+
+def save_safetensors_streamed(path, specs: Sequence[Tuple[str, np.dtype, Tuple[int, ...]]],
+                              read: Callable[[str], np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
+    """``save_safetensors`` one tensor at a time: ``specs`` (name, dtype, shape) make the header,
+    then ``read(name)`` gives each tensor as it is written, so the host holds one tensor, not the
+    model (the layer-streamed build assembles ``params.safetensors`` from per-block shards)."""
+    header, offset = {}, 0
+    for name, dtype, shape in specs:
+        dtype = np.dtype(dtype)
+        if dtype not in _CODES:
+            raise TypeError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors here")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[name] = {"dtype": _CODES[dtype], "shape": [int(d) for d in shape],
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    with open(path, "wb") as f:
+        blob = _header_blob(header, metadata)
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, dtype, shape in specs:
+            arr = np.asarray(read(name))
+            if arr.dtype != np.dtype(dtype) or arr.shape != tuple(shape):
+                raise ValueError(f"tensor {name!r}: read gave {arr.dtype}{list(arr.shape)}, the header says "
+                                 f"{np.dtype(dtype)}{list(shape)}")
+            f.write(np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+
+
+def safetensors_header(path) -> Dict[str, dict]:
+    """Tensor name -> {dtype (numpy), shape, offset (absolute, bytes), nbytes} of a safetensors file."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {name: {"dtype": np.dtype(_DTYPES[info["dtype"]]), "shape": tuple(info["shape"]),
+                   "offset": 8 + n + info["data_offsets"][0],
+                   "nbytes": info["data_offsets"][1] - info["data_offsets"][0]}
+            for name, info in header.items()}
+
+
+def read_tensor(path, info: Mapping) -> np.ndarray:
+    """One tensor of a safetensors file (an entry of :func:`safetensors_header`), read into memory
+    (not memory-mapped: the pages do not stay mapped into the process)."""
+    with open(path, "rb") as f:
+        f.seek(info["offset"])
+        data = f.read(info["nbytes"])
+    dtype = info["dtype"].newbyteorder("<")
+    return np.frombuffer(data, dtype=dtype).astype(info["dtype"], copy=True).reshape(info["shape"])
 
 
 def load_safetensors(path) -> Dict[str, np.ndarray]:

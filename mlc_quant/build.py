@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import numpy as np
 import tvm
 
-from mlc_quant import alpha_search, artifact, autoround, pipeline, rotation, sharding
+from mlc_quant import alpha_search, artifact, autoround, pipeline, rotation, sharding, streamed
 from mlc_quant.calibration import stat_names
 from mlc_quant.datasets import calibration_samples
 from mlc_quant.observers import ChannelStatsObserver
@@ -59,6 +59,11 @@ class BuildOptions:
     dtype: str = "auto"
     # one wide linear for q/k/v and for gate/up (passes/merge_sibling_linears.py); None: CUDA only
     merge_linears: Optional[bool] = None
+    # whole (load the float model, calibrate it at once), streamed (one decoder block at a time:
+    # mlc_quant/streamed.py) or auto (streamed when the whole-model path would not fit the budget)
+    calibration: str = "auto"
+    calibration_budget_mb: float = 0.0  # auto's memory budget; 0: MemAvailable capped by ulimit -v
+    calibration_spill_mb: float = 1024.0  # streamed: activations above this go to a file
 
 
 def resolve_keep_float(patterns, params) -> Tuple[str, ...]:
@@ -187,6 +192,14 @@ def build_model(opts: BuildOptions, on_quantized: Optional[Callable] = None,
         raise ValueError(f"unknown alpha objective {opts.alpha_objective!r}; valid: {', '.join(alpha_search.OBJECTIVES)}")
     if isinstance(alpha_spec, float) and not 0.0 <= alpha_spec <= 1.0:
         raise ValueError(f"--alpha must be in [0, 1], 'search' or a config with group alphas, got {opts.alpha}")
+    hooks = on_quantized is not None or capture is not None
+    why_not = streamed.unsupported({"rotation": opts.rotation, "weight_rounding": rounding,
+                                    "alpha_search": isinstance(alpha_spec, alpha_search.AlphaSearch),
+                                    "tensor_parallel_shards": opts.tensor_parallel_shards, "hooks": hooks})
+    if streamed.choose_mode(opts.calibration, config, opts.calibration_budget_mb, why_not) == "streamed":
+        if why_not:
+            raise ValueError(f"--calibration streamed does not support {'; '.join(why_not)}")
+        return streamed.build_streamed(opts, path, config, scheme, target, alpha_spec, t_start)
     # Refuse an existing output before any heavy work.
     with artifact.atomic_output_dir(opts.output, opts.overwrite) as tmp:
         tokenizer = load_tokenizer(path)

@@ -50,6 +50,14 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-decode-steps", type=int, default=4,
                    help="of each sequence, the last N tokens run through decode, the rest through prefill")
     p.add_argument("--target", default="llvm", help="llvm (default), cuda (sm_90) or cuda:sm_XX")
+    p.add_argument("--calibration", default="auto", choices=["auto", "whole", "streamed"],
+                   help="whole: load the float model and calibrate it at once; streamed: one decoder block at a "
+                        "time (peak memory one block + activations; docs/design.md); auto (default): whole unless "
+                        "the float model would not fit the memory budget")
+    p.add_argument("--calibration-budget-mb", type=float, default=0.0,
+                   help="memory budget of --calibration auto (default 0: available memory, capped by ulimit -v)")
+    p.add_argument("--calibration-spill-mb", type=float, default=1024.0,
+                   help="--calibration streamed keeps block activations in RAM up to this size, else in a file")
     p.add_argument("--merge-linears", action=argparse.BooleanOptionalAction, default=None,
                    help="one wide linear for q/k/v and for gate/up (default: on for CUDA, off on the CPU)")
     p.add_argument("--output", "-o", default=None, help="output directory (default: out/<model>-<scheme>)")
@@ -90,7 +98,9 @@ def cmd_build(args) -> int:
                         alpha_objective=args.alpha_objective,
                         tensor_parallel_shards=args.tensor_parallel_shards,
                         keep_float=tuple(p for p in args.keep_float.split(",") if p), dtype=args.dtype,
-                        merge_linears=args.merge_linears)
+                        merge_linears=args.merge_linears, calibration=args.calibration,
+                        calibration_budget_mb=args.calibration_budget_mb,
+                        calibration_spill_mb=args.calibration_spill_mb)
     build_model(opts)
     print(f"wrote {output}")
     return 0

@@ -62,23 +62,35 @@ def load_config(name_or_path: str | os.PathLike) -> LlamaConfig:
 
 
 def load_params(
-    name_or_path: str | os.PathLike, config: LlamaConfig | None = None, dtype: str = "float32"
+    name_or_path: str | os.PathLike, config: LlamaConfig | None = None, dtype: str = "float32",
+    names=None,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Yield `(ir_name, array)` for every weight of the model, in IR parameter order.
 
-    Arrays are C-contiguous, writable and own their memory (no view into the file).
-    Path, config and weight-file problems raise here, before the first tensor is read.
+    `names`: only these IR names (e.g. one decoder layer's, for layer-streamed calibration);
+    an unknown name raises. Arrays are C-contiguous, writable and own their memory (no view
+    into the file). Path, config and weight-file problems raise here, before the first tensor
+    is read.
     """
     path = resolve_model(name_or_path)
     if config is None:
         config = load_config(path)
+    wanted = None
+    if names is not None:
+        wanted = set(names)
+        unknown = sorted(wanted - set(param_shapes(config)))
+        if unknown:
+            raise ValueError(f"weights {unknown[:5]} are not weights of this model (IR names such as "
+                             f"{next(iter(param_shapes(config)))!r})")
     source = _GGUFSource(path, config) if is_gguf(path) else _SafetensorsSource(path)
-    return _stream(source, config, dtype)
+    return _stream(source, config, dtype, wanted)
 
 
-def _stream(source, config: LlamaConfig, dtype: str) -> Iterator[tuple[str, np.ndarray]]:
+def _stream(source, config: LlamaConfig, dtype: str, wanted=None) -> Iterator[tuple[str, np.ndarray]]:
     hf_names = param_name_map(config)
     for ir_name, shape in param_shapes(config).items():
+        if wanted is not None and ir_name not in wanted:
+            continue
         hf_name = hf_names[ir_name]
         array = source.get(hf_name)
         if array.shape != shape:
