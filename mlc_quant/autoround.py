@@ -50,13 +50,17 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 
+# numpy / torch only at import (no TVM): the tuning runs where only TVM's runtime is installed
+# (scripts/autoround_gpu.py on the GPU machine); the scheme classes are imported where used.
+from mlc_quant.groupquant import _EPS, INT8_MAX, group_layout, quantize_groups_np
 from mlc_quant.progress import progress
-from mlc_quant.schemes import _EPS, INT8_MAX, QuantScheme
-from mlc_quant.schemes_w4 import WeightOnlyScheme, group_layout, quantize_groups_np
+
+if TYPE_CHECKING:
+    from mlc_quant.schemes import QuantScheme
 
 log = logging.getLogger("mlc_quant")
 
@@ -138,6 +142,8 @@ class WeightFormat:
 
 def weight_format(scheme: QuantScheme) -> WeightFormat:
     """The weight grid of a scheme AutoRound can serve (W4 weight-only, W8 per-channel)."""
+    from mlc_quant.schemes_w4 import WeightOnlyScheme  # pylint: disable=import-outside-toplevel
+
     if isinstance(scheme, WeightOnlyScheme):
         return WeightFormat(0, scheme.qmax, False, scheme.group_size)
     if scheme.weight == "per_channel_sym":
@@ -154,6 +160,8 @@ def pack_weight(scheme: QuantScheme, name: str, q: np.ndarray, scale: np.ndarray
     """The params of weight ``name`` in ``scheme``'s naming, from AutoRound's integers (``q [N, K]``,
     per-channel ``scale`` / ``zp [N, 1]`` for the W8 schemes), exactly as the scheme's own
     ``quantize_weight`` lays them out (static activation scales folded into ``.scale``)."""
+    from mlc_quant.schemes_w4 import WeightOnlyScheme  # pylint: disable=import-outside-toplevel
+
     if isinstance(scheme, WeightOnlyScheme):
         return scheme.pack(name, q, scale, zp)
     sx = act.scale if act is not None else 1.0
@@ -405,11 +413,17 @@ class TorchBlock:
 # --------------------------------------------------------------------------- activations
 class ActStore:
     """``[nsamples, seqlen, hidden]`` float32 block activations: in RAM, or a ``np.memmap`` file
-    when ``path`` is given (the spill above the memory budget)."""
+    when ``path`` is given (the spill above the memory budget), or a torch tensor on ``device``
+    (a GPU with room for them: no host copy of the batch every iteration)."""
 
-    def __init__(self, shape: Tuple[int, ...], path: Optional[pathlib.Path] = None):
+    def __init__(self, shape: Tuple[int, ...], path: Optional[pathlib.Path] = None, device=None):
         self.shape, self.path = tuple(shape), path
-        if path is None:
+        self.array = self.tensor = None
+        if device is not None:
+            if path is not None:
+                raise ValueError("ActStore: a device store is never spilled to disk")
+            self.tensor = _torch().empty(self.shape, dtype=_torch().float32, device=device)
+        elif path is None:
             self.array = np.empty(self.shape, np.float32)
         else:
             self.array = np.lib.format.open_memmap(str(path), mode="w+", dtype=np.float32, shape=self.shape)
@@ -420,14 +434,22 @@ class ActStore:
 
     def read(self, index, device=None):
         torch = _torch()
+        if self.tensor is not None:
+            if not isinstance(index, slice):
+                index = torch.as_tensor(np.asarray(index), device=self.tensor.device)
+            return self.tensor[index].to(device or "cpu")
         return torch.from_numpy(np.ascontiguousarray(self.array[index])).to(device or "cpu")
 
     def write(self, start: int, values) -> None:
+        if self.tensor is not None:
+            values = values if hasattr(values, "detach") else _torch().from_numpy(np.ascontiguousarray(values))
+            self.tensor[start:start + values.shape[0]] = values.detach().to(self.tensor.device)
+            return
         self.array[start:start + values.shape[0]] = values.detach().cpu().numpy() if hasattr(values, "detach") \
             else values
 
     def close(self) -> None:
-        self.array = None
+        self.array = self.tensor = None
         if self.path is not None and self.path.exists():
             self.path.unlink()
 
@@ -485,6 +507,20 @@ def _load_block(path: pathlib.Path, names: Iterable[str]) -> Optional[Tuple[Dict
     except (OSError, KeyError, ValueError) as err:
         log.warning("AutoRound: ignoring unreadable checkpoint %s (%s)", path, err)
         return None
+
+
+def _load_all_blocks(ckdir: pathlib.Path, n_layers: int) -> Optional[List[Tuple[Dict[str, tuple], dict]]]:
+    """Every block's checkpoint in ``ckdir``, or None when any is missing or unreadable."""
+    paths = [ckdir / f"block_{layer:03d}.npz" for layer in range(n_layers)]
+    if not all(p.exists() for p in paths):
+        return None
+    out = []
+    for layer, path in enumerate(paths):
+        loaded = _load_block(path, block_linear_names(layer).values())
+        if loaded is None:
+            return None
+        out.append(loaded)
+    return out
 
 
 # --------------------------------------------------------------------------- the algorithm
@@ -619,17 +655,34 @@ def run_autoround(config, params: Mapping[str, np.ndarray], samples: Iterable, f
     ckdir.mkdir(parents=True, exist_ok=True)
     for stale in ckdir.glob("acts_*.npy"):  # activation spills of an interrupted run
         stale.unlink()
+    finished = _load_all_blocks(ckdir, n_layers)
+    if finished is not None:  # every block checkpointed (e.g. tuned on a GPU): no forward passes at all
+        log.info("AutoRound: all %d blocks checkpointed in %s; using them as they are", n_layers, ckdir)
+        results, blocks_report = {}, []
+        for layer, (qres, stats) in enumerate(finished):
+            results.update(qres)
+            blocks_report.append({"block": layer, **stats, "resumed": True})
+        if report is not None:
+            report.update({"preset": preset.name, "iters": preset.iters, "nsamples": int(ns), "seqlen": int(sl),
+                           "batch_size": preset.batch_size, "lr": preset.learning_rate, "device": None,
+                           "spilled": False, "total_s": 0.0, "fingerprint": key, "blocks": blocks_report})
+        if not keep_checkpoints:
+            shutil.rmtree(ckdir, ignore_errors=True)
+        return results
     store_bytes = ns * sl * hidden * 4
     spill = 3 * store_bytes > preset.memory_budget_mb * 2**20
+    # on a GPU with room for the three stores (a quarter of its free memory at most): keep them there
+    on_gpu = dev.type == "cuda" and not spill and 3 * store_bytes < 0.25 * torch.cuda.mem_get_info(dev)[0]
     stores: List[ActStore] = []
 
     def new_store():
-        stores.append(ActStore((ns, sl, hidden), ckdir / f"acts_{os.getpid()}_{len(stores)}.npy" if spill else None))
+        path = ckdir / f"acts_{os.getpid()}_{len(stores)}.npy" if spill else None
+        stores.append(ActStore((ns, sl, hidden), path, dev if on_gpu else None))
         return stores[-1]
 
     log.info("AutoRound (%s: %d iters, %d x %d tokens, batch %d, lr %.4g) on %s; activations %s (%.0f MB each); "
              "checkpoints in %s", preset.name, preset.iters, ns, sl, preset.batch_size, preset.learning_rate, dev,
-             "spilled to disk" if spill else "in memory", store_bytes / 2**20, ckdir)
+             "spilled to disk" if spill else ("in GPU memory" if on_gpu else "in memory"), store_bytes / 2**20, ckdir)
     emb = params["model_embed_tokens_weight"]
     fin = new_store()
     for i in range(0, ns, preset.batch_size):
@@ -693,7 +746,8 @@ def run_autoround(config, params: Mapping[str, np.ndarray], samples: Iterable, f
     if report is not None:
         report.update({"preset": preset.name, "iters": preset.iters, "nsamples": int(ns), "seqlen": int(sl),
                        "batch_size": preset.batch_size, "lr": preset.learning_rate, "device": str(dev),
-                       "spilled": spill, "total_s": round(time.time() - t_start, 1), "blocks": blocks_report})
+                       "spilled": spill, "total_s": round(time.time() - t_start, 1), "fingerprint": key,
+                       "blocks": blocks_report})
     if not keep_checkpoints:
         shutil.rmtree(ckdir, ignore_errors=True)
     return results

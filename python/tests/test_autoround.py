@@ -122,6 +122,13 @@ def test_zero_offsets_are_the_schemes_round_to_nearest(scheme, rng):
         np.testing.assert_allclose(got[k], want[k], rtol=1e-7, err_msg=k)
 
 
+def test_groupquant_constants_match_schemes():
+    """mlc_quant.groupquant (numpy only, for the GPU side) repeats two constants of mlc_quant.schemes."""
+    from mlc_quant import groupquant, schemes
+
+    assert groupquant._EPS == schemes._EPS and groupquant.INT8_MAX == schemes.INT8_MAX
+
+
 def test_int4_packing_roundtrip(rng):
     q = rng.integers(0, 16, (5, 13))
     packed = pack_int4(q)
@@ -321,6 +328,16 @@ def test_resume_after_interruption_and_disk_spill(tiny_params, tmp_path, monkeyp
     assert sorted(got) == sorted(want)
     for name in want:
         for a, b in zip(got[name], want[name]):
+            np.testing.assert_array_equal(a, b)
+    # Every block checkpointed (as scripts/autoround_gpu.py leaves it after a GPU run): the
+    # checkpoints are used as they are, without a single forward pass.
+    monkeypatch.setattr(ar, "_forward_store", lambda *a, **k: pytest.fail("forward pass on a finished run"))
+    report = {}
+    again = ar.run_autoround(cfg, params, samples, fmt, spill, tmp_path / "b", report=report)
+    monkeypatch.undo()
+    assert [b["resumed"] for b in report["blocks"]] == [True, True] and report["fingerprint"] == ckdir.name
+    for name in want:
+        for a, b in zip(again[name], want[name]):
             np.testing.assert_array_equal(a, b)
     # Other settings -> another fingerprint, nothing reused.
     report = {}
