@@ -49,6 +49,9 @@ class BuildOptions:
     rotation_kind: str = "hadamard"  # fused R1/R2 matrices: hadamard or random-orthogonal
     weight_rounding: str = "rtn"  # rtn or autoround (mlc_quant/autoround.py); q4f16_autoround implies autoround
     autoround_preset: str = "fast"  # fast (CPU) or paper (the reference defaults)
+    # RTN weight range (schemes.WEIGHT_CLIPS): absmax, or mse = per-channel clip ratio of least
+    # squared weight error (W8A8/W4A8/W4A4 schemes with rtn rounding)
+    weight_clip: str = "absmax"
     # weights whose linears stay float (fnmatch patterns of IR param names; "lm_head" names the LM
     # head whether tied to the embedding or not); default: every linear is quantized
     keep_float: Tuple[str, ...] = ()
@@ -64,6 +67,19 @@ class BuildOptions:
     calibration: str = "auto"
     calibration_budget_mb: float = 0.0  # auto's memory budget; 0: MemAvailable capped by ulimit -v
     calibration_spill_mb: float = 1024.0  # streamed: activations above this go to a file
+
+
+def _rtn_quantizer(scheme, clip: str, rounding: str):
+    """The RTN weight quantizer of ``--weight-clip``; a clear error where the clip does not apply."""
+    from mlc_quant.schemes import QuantScheme, check_weight_clip
+
+    if check_weight_clip(clip) != "absmax":
+        if not scheme.quantizes or type(scheme).quantize_weight is not QuantScheme.quantize_weight:
+            raise ValueError(f"--weight-clip {clip} applies to the W8A8/W4A8/W4A4 schemes, not {scheme.name}")
+        if rounding != "rtn":
+            raise ValueError(f"--weight-clip {clip} goes with --weight-rounding rtn (AutoRound learns its own "
+                             "clipping)")
+    return pipeline.make_rtn_weights(clip)
 
 
 def resolve_keep_float(patterns, params) -> Tuple[str, ...]:
@@ -181,6 +197,7 @@ def build_model(opts: BuildOptions, on_quantized: Optional[Callable] = None,
     rotation.check_supported(config, rot)  # a size without a matrix fails before any heavy work
     tp = sharding.check_build(config, opts.tensor_parallel_shards, target, rot)  # None: not sharded
     rounding = autoround.build_rounding(scheme, opts.weight_rounding, opts.autoround_preset, opts.rotation)
+    quantize_rtn = _rtn_quantizer(scheme, opts.weight_clip, rounding)  # a bad --weight-clip fails early
     if opts.max_seq_len > config.max_position_embeddings:
         raise ValueError(f"--max-seq-len={opts.max_seq_len} exceeds the model's maximum "
                          f"{config.max_position_embeddings} (max_position_embeddings)")
@@ -196,6 +213,8 @@ def build_model(opts: BuildOptions, on_quantized: Optional[Callable] = None,
     why_not = streamed.unsupported({"rotation": opts.rotation, "weight_rounding": rounding,
                                     "alpha_search": isinstance(alpha_spec, alpha_search.AlphaSearch),
                                     "tensor_parallel_shards": opts.tensor_parallel_shards, "hooks": hooks})
+    if opts.weight_clip != "absmax":
+        why_not.append(f"--weight-clip {opts.weight_clip} (the streamed path rounds with absmax ranges)")
     if streamed.choose_mode(opts.calibration, config, opts.calibration_budget_mb, why_not) == "streamed":
         if why_not:
             raise ValueError(f"--calibration streamed does not support {'; '.join(why_not)}")
@@ -207,7 +226,7 @@ def build_model(opts: BuildOptions, on_quantized: Optional[Callable] = None,
         mod, names = export_model(config, "float32", "llvm")
         params = load_params_dict(path, config, "float32")
         mod, params, rot_summary = rotation.rotate_model(mod, params, config, rot)
-        quantize_weights = pipeline.rtn_weights
+        quantize_weights = quantize_rtn
         if rounding == "autoround":
             quantize_weights = autoround.build_quantizer(config, tokenizer, opts.dataset, opts.autoround_preset,
                                                          opts.seed)
@@ -223,6 +242,8 @@ def build_model(opts: BuildOptions, on_quantized: Optional[Callable] = None,
         if on_quantized is not None:
             on_quantized(result)
         result.summary["weight_rounding"] = rounding
+        if opts.weight_clip != "absmax":
+            result.summary["weight_clip"] = opts.weight_clip
         if rounding == "autoround":
             result.summary["autoround"] = quantize_weights.report
         calib_s = time.time() - t_start

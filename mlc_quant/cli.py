@@ -71,6 +71,9 @@ def add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-rounding", default="rtn", choices=["rtn", "autoround"],
                    help="how weights are rounded: rtn (round to nearest) or autoround (learned per block, "
                         "SignSGD; q4f16_autoround implies it; docs/accuracy.md)")
+    p.add_argument("--weight-clip", default="absmax", choices=["absmax", "mse"],
+                   help="RTN weight range: absmax (default) or mse (per output channel, the clip ratio in "
+                        "1.00..0.50 of least squared weight error; W8A8/W4A8/W4A4 schemes; docs/accuracy.md)")
     p.add_argument("--autoround-preset", default="fast", choices=["fast", "paper"],
                    help="AutoRound settings: fast (CPU: 50 iters, 32 x 256 tokens) or paper (200 iters, "
                         "128 x 2048 tokens, batch 8; GPU)")
@@ -94,7 +97,8 @@ def cmd_build(args) -> int:
                         calib_decode_steps=args.calib_decode_steps, target=args.target,
                         overwrite=args.overwrite, seed=args.seed, rotation=args.rotation,
                         rotation_kind=args.rotation_kind, weight_rounding=args.weight_rounding,
-                        autoround_preset=args.autoround_preset, alpha_grid=_grid(args.alpha_grid),
+                        autoround_preset=args.autoround_preset, weight_clip=args.weight_clip,
+                        alpha_grid=_grid(args.alpha_grid),
                         alpha_objective=args.alpha_objective,
                         tensor_parallel_shards=args.tensor_parallel_shards,
                         keep_float=tuple(p for p in args.keep_float.split(",") if p), dtype=args.dtype,

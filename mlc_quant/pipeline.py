@@ -97,6 +97,28 @@ def rtn_weights(params: Dict[str, np.ndarray], sites: Dict, plan: "IRPlan") -> D
     return out
 
 
+def make_rtn_weights(clip: str = "absmax") -> WeightQuantizer:
+    """Round-to-nearest with the weight range chosen by ``clip`` (``mlc_quant.schemes.WEIGHT_CLIPS``):
+    ``absmax`` is :func:`rtn_weights`; ``mse`` shrinks each output channel's range to the clip
+    ratio of least squared weight error (``schemes.mse_clip_ratios``). W8A8 schemes only."""
+    from mlc_quant.schemes import check_weight_clip  # pylint: disable=import-outside-toplevel
+
+    if check_weight_clip(clip) == "absmax":
+        return rtn_weights
+
+    def clipped_weights(params: Dict[str, np.ndarray], sites: Dict, plan: "IRPlan") -> Dict[str, np.ndarray]:
+        if not isinstance(plan.scheme, QuantScheme) or type(plan.scheme).quantize_weight is not QuantScheme.quantize_weight:
+            raise ValueError(f"weight clip {clip!r} is implemented for the W8A8/W4A8/W4A4 schemes, not "
+                             f"{plan.scheme.name}")
+        out = {}
+        for name, site in sites.items():
+            w_nk = linear_weight_nk(params[name], site.transposed)
+            out.update(plan.scheme.quantize_weight(name, w_nk, plan.act_qparams.get(name), clip=clip))
+        return out
+
+    return clipped_weights
+
+
 def quantize_module(mod: IRModule, params: Mapping[str, np.ndarray], scheme: str | QuantScheme,
                     calibrate: Calibrator, alpha: Alpha = 0.5, smooth: bool = True,
                     func_names: Optional[Sequence[str]] = None,

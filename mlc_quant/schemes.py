@@ -19,6 +19,64 @@ INT8_MIN, INT8_MAX = -128, 127
 
 ACT_KINDS = ("none", "per_tensor_sym", "per_tensor_asym", "per_token_sym")
 WEIGHT_KINDS = ("none", "per_tensor_sym", "per_channel_sym", "per_channel_asym")
+# How a weight's quantization range is chosen: ``absmax`` = the full range (max |w|, or min/max
+# for asym); ``mse`` = the range shrunk by the clip ratio that minimizes the weight's squared
+# reconstruction error, per output channel (per tensor for per_tensor_sym): the grid search of
+# GPTQ's ``find_params(mse=True)`` / QuaRot's ``--w_clip``.
+WEIGHT_CLIPS = ("absmax", "mse")
+# Clip ratios the ``mse`` search tries: 1.00, 0.99, ..., 0.50 (1.00 first: absmax wins ties).
+CLIP_GRID: Tuple[float, ...] = tuple(round(1.0 - 0.01 * i, 2) for i in range(51))
+
+
+def check_weight_clip(clip: str) -> str:
+    if clip not in WEIGHT_CLIPS:
+        raise ValueError(f"unknown weight clip {clip!r}; valid: {', '.join(WEIGHT_CLIPS)}")
+    return clip
+
+
+def _fake_quant_rows(w: np.ndarray, lo: np.ndarray, hi: np.ndarray, sym: bool, qmax: int) -> np.ndarray:
+    """Quantize-dequantize the rows of ``w [N, K]`` (float32) with ranges ``[lo, hi]`` per row, as
+    ``QuantScheme.quantize_weight`` rounds them (sym: ``+-qmax``; asym: int8 with a zero point)."""
+    if sym:  # the float32 arithmetic of per_channel_sym (per_tensor_sym agrees to an ulp of s)
+        s = (np.maximum(hi.astype(np.float32), np.float32(_EPS)) / np.float32(qmax))[:, None]
+        return np.clip(np.round(w / s), -qmax, qmax) * s
+    s64 = np.maximum(hi - lo, _EPS) / (INT8_MAX - INT8_MIN)
+    z = np.clip(np.round(INT8_MIN - lo / s64), INT8_MIN, INT8_MAX)[:, None].astype(np.float32)
+    s = s64.astype(np.float32)[:, None]
+    return (np.clip(np.round(w / s) + z, INT8_MIN, INT8_MAX) - z) * s
+
+
+def mse_clip_ratios(w: np.ndarray, sym: bool = True, qmax: int = INT8_MAX, per_channel: bool = True,
+                    grid: Tuple[float, ...] = CLIP_GRID, block: int = 4096) -> np.ndarray:
+    """Per output channel (or one for the tensor), the clip ratio ``r`` in ``grid`` whose range
+    (``r * max|w|``; asym: ``r * min``, ``r * max``) gives the smallest ``||Q(w) - w||^2``.
+
+    ``w [N, K]``; returns ``[N]`` ratios (``[1]`` when not per channel). The first grid value wins
+    ties, so with 1.0 first the result is never worse than absmax. Rows in blocks of ``block``
+    (a 49152-row head stays small). All-zero rows get ratio 1 (their scale stays finite).
+    """
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"mse_clip_ratios: expected a [N, K] weight, got shape {w.shape}")
+    if not grid or any(not 0.0 < r <= 1.0 for r in grid):
+        raise ValueError(f"mse_clip_ratios: clip ratios must be in (0, 1], got {grid}")
+    rows = [w] if not per_channel else [w[i:i + block] for i in range(0, w.shape[0], block)]
+    out = []
+    for wb in rows:
+        flat = wb.reshape(1, -1) if not per_channel else wb
+        lo = np.minimum(flat.min(axis=1), 0.0).astype(np.float64)
+        hi = np.maximum(flat.max(axis=1), 0.0).astype(np.float64)
+        if sym:
+            hi = np.abs(flat).max(axis=1).astype(np.float64)
+        best = np.full(flat.shape[0], np.inf)
+        ratio = np.ones(flat.shape[0])
+        for r in grid:
+            d = _fake_quant_rows(flat, lo * r, hi * r, sym, qmax) - flat
+            err = np.einsum("nk,nk->n", d, d, dtype=np.float64)
+            better = err < best
+            best[better], ratio[better] = err[better], r
+        out.append(ratio)
+    return np.concatenate(out)
 
 
 @dataclass(frozen=True)
@@ -94,26 +152,37 @@ class QuantScheme:
             specs += [(f"{name}.zp", (n,), "int32"), (f"{name}.corr", (n,), "int32")]
         return specs
 
-    def quantize_weight(self, name: str, w: np.ndarray, act: Optional[ActQParams]) -> Dict[str, np.ndarray]:
+    def quantize_weight(self, name: str, w: np.ndarray, act: Optional[ActQParams],
+                        clip: str = "absmax") -> Dict[str, np.ndarray]:
         """Quantize one weight ``w`` ([n, k], nn.Linear layout) into the params of its specs.
 
         The dequantize scale folds the activation scale in (s_x * s_w) for static schemes, so the
-        int32 accumulator needs one multiply.
+        int32 accumulator needs one multiply. ``clip``: ``absmax`` (the full range) or ``mse``
+        (the range shrunk by :func:`mse_clip_ratios`; values beyond it saturate).
         """
+        check_weight_clip(clip)
         w = np.asarray(w, dtype=np.float32)
         sx = act.scale if act is not None else 1.0
         qmax = self.w_qmax
         if self.weight == "per_tensor_sym":
             sw = max(float(np.max(np.abs(w))), _EPS) / qmax
+            if clip == "mse":  # in the search's float32 arithmetic
+                r = float(mse_clip_ratios(w.reshape(1, -1) if w.ndim != 2 else w, True, qmax, per_channel=False)[0])
+                amax = np.float32(float(np.max(np.abs(w))) * r)
+                sw = float(np.maximum(amax, np.float32(_EPS)) / np.float32(qmax))
             wq = np.clip(np.round(w / np.float32(sw)), -qmax, qmax).astype(np.int8)
             return {f"{name}.q": wq, f"{name}.scale": np.array(sw * sx, dtype=np.float32)}
+        r = mse_clip_ratios(w, self.weight == "per_channel_sym", qmax) if clip == "mse" else None
         if self.weight == "per_channel_sym":
-            sw = np.maximum(np.max(np.abs(w), axis=1), _EPS) / qmax
+            amax = np.max(np.abs(w), axis=1)
+            if r is not None:
+                amax = (amax.astype(np.float64) * r).astype(np.float32)
+            sw = np.maximum(amax, _EPS) / qmax
             wq = np.clip(np.round(w / sw[:, None].astype(np.float32)), -qmax, qmax).astype(np.int8)
             return {f"{name}.q": wq, f"{name}.scale": (sw * sx).astype(np.float32)}
         assert self.weight == "per_channel_asym", self.weight
-        lo = np.minimum(w.min(axis=1), 0.0).astype(np.float64)
-        hi = np.maximum(w.max(axis=1), 0.0).astype(np.float64)
+        lo = np.minimum(w.min(axis=1), 0.0).astype(np.float64) * (1.0 if r is None else r)
+        hi = np.maximum(w.max(axis=1), 0.0).astype(np.float64) * (1.0 if r is None else r)
         sw = np.maximum(hi - lo, _EPS) / (INT8_MAX - INT8_MIN)
         zw = np.clip(np.round(INT8_MIN - lo / sw), INT8_MIN, INT8_MAX).astype(np.int64)
         wq = np.clip(np.round(w / sw[:, None].astype(np.float32)) + zw[:, None], INT8_MIN, INT8_MAX).astype(np.int8)
