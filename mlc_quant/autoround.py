@@ -26,11 +26,15 @@ What is computed where:
   every later block's come from running the previous block (float chain for the targets,
   quantized chain for the inputs). Only the current block's activations exist at any time
   (at most three ``[nsamples, seqlen, hidden]`` float32 stores); above ``memory_budget_mb``
-  they live in ``np.memmap`` files under the work directory instead of RAM.
+  they live in ``np.memmap`` files under the work directory instead of RAM, and on a GPU with
+  room for them (a quarter of its free memory) in GPU memory.
 * Every tuned block is written to ``<work_dir>/<fingerprint>/block_NNN.npz`` (atomically) with
   its integer weights, scales and zero points; an interrupted run started again with the same
   model, data and settings reuses them (it only re-runs the cheap forward passes of the
-  finished blocks to rebuild the activation chains), so no tuning work is lost.
+  finished blocks to rebuild the activation chains), so no tuning work is lost. With every block
+  checkpointed (e.g. tuned on a GPU by ``scripts/autoround_gpu.py``) nothing runs at all.
+* Importing this module needs numpy and torch, not TVM (``mlc_quant.groupquant`` holds the numpy
+  quantizer), so the tuning runs on a machine with only TVM's runtime.
 * The result is handed to the pipeline as a ``WeightQuantizer`` (:func:`make_autoround_quantizer`)
   that returns each linear's params in the scheme's own naming (``<w>.q`` / ``.scale`` / ...).
   Linears outside the decoder blocks (the LM head) are rounded to nearest, as the reference
