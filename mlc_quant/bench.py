@@ -91,8 +91,14 @@ def synthetic_plan(mod, weight_names: Sequence[str], scheme, seed: int = 0):
 
 
 def build_one(config, scheme_name: str, out_dir, target: str = "cuda", seed: int = 0,
-              strict: bool = True, cuda_graph: bool = False, merge_linears: Optional[bool] = None) -> Dict:
-    """Build one benchmark library into ``out_dir``; returns its manifest."""
+              strict: bool = True, cuda_graph: bool = False, merge_linears: Optional[bool] = None,
+              tensor_parallel_shards: int = 1) -> Dict:
+    """Build one benchmark library into ``out_dir``; returns its manifest.
+
+    ``tensor_parallel_shards`` N > 1: the module of one shard (mlc_quant/sharding.py: H/N heads,
+    I/N MLP width, all-reduce after o/down, the per-token absmax of o/down all-reduced for
+    smq_q8i8f16_3), run on N GPUs by :class:`mlc_quant.disco.DiscoEngine`; the Disco NCCL plugin
+    is written next to it."""
     import tvm  # pylint: disable=import-outside-toplevel
 
     from mlc_quant import pipeline  # pylint: disable=import-outside-toplevel
@@ -109,7 +115,19 @@ def build_one(config, scheme_name: str, out_dir, target: str = "cuda", seed: int
     scheme = get_scheme(scheme_name)
     dtype = "float16" if cuda else "float32"  # a CPU build exists to test this module without a GPU
     mod, names = export_model(config, dtype, tgt if cuda else "llvm")
-    qmod = synthetic_plan(mod, names, scheme, seed).apply(mod) if scheme.quantizes else mod
+    shards = int(tensor_parallel_shards)
+    if shards > 1:
+        from mlc_quant import sharding  # pylint: disable=import-outside-toplevel
+        from mlc_quant.model.llama import param_shapes  # pylint: disable=import-outside-toplevel
+
+        plan = sharding.resolve_plan(config, list(param_shapes(config)), shards)
+        smod, _ = export_model(sharding.shard_config(config, shards), dtype, tgt if cuda else "llvm")
+        if scheme.quantizes:  # the synthetic plan of the whole model, replayed on the shard module
+            qmod, _ = sharding.shard_module(smod, synthetic_plan(mod, names, scheme, seed), plan)
+        else:
+            qmod = sharding.insert_allreduce(smod, plan.row_linears)
+    else:
+        qmod = synthetic_plan(mod, names, scheme, seed).apply(mod) if scheme.quantizes else mod
     merges = []
     if cuda if merge_linears is None else merge_linears:  # q/k/v and gate/up as one linear each
         from mlc_quant.passes.merge_sibling_linears import MergeSiblingLinears  # pylint: disable=import-outside-toplevel
@@ -128,10 +146,15 @@ def build_one(config, scheme_name: str, out_dir, target: str = "cuda", seed: int
         ex = pipeline.build(qmod, "llvm")
     compile_s = time.time() - t1
     pipeline.export_library(ex, str(out / "model.so"), tgt)
+    if shards > 1 and cuda:
+        from mlc_quant.disco import PLUGIN_FILE, build_nccl_plugin  # pylint: disable=import-outside-toplevel
+
+        build_nccl_plugin(out / PLUGIN_FILE)
     manifest = {
         "model_config": config.to_dict(), "scheme": scheme_name, "dtype": dtype, "target": target,
         "params": params, "synthetic_plan": bool(scheme.static_activations), "seed": seed,
         "cuda_graph": bool(cuda_graph), "merged_linears": [m.to_dict() for m in merges],
+        "tensor_parallel": shards,
         "build": {"compile_s": round(compile_s, 1), "total_s": round(time.time() - t0, 1)},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -140,13 +163,16 @@ def build_one(config, scheme_name: str, out_dir, target: str = "cuda", seed: int
 
 
 def build_all(configs: Sequence[str], schemes: Sequence[str], out_root, target: str = "cuda",
-              seed: int = 0, cuda_graph: bool = False, merge_linears: Optional[bool] = None) -> List[str]:
+              seed: int = 0, cuda_graph: bool = False, merge_linears: Optional[bool] = None,
+              tensor_parallel_shards: int = 1) -> List[str]:
     done = []
     for cname in configs:
         config = bench_config(cname)
         for s in schemes:
-            d = pathlib.Path(out_root) / _slug(cname) / s
-            build_one(config, s, d, target, seed, cuda_graph=cuda_graph, merge_linears=merge_linears)
+            tp = f"-tp{tensor_parallel_shards}" if tensor_parallel_shards > 1 else ""
+            d = pathlib.Path(out_root) / (_slug(cname) + tp) / s
+            build_one(config, s, d, target, seed, cuda_graph=cuda_graph, merge_linears=merge_linears,
+                      tensor_parallel_shards=tensor_parallel_shards)
             done.append(str(d))
     return done
 
@@ -389,6 +415,80 @@ def run_ours(lib_dir, lengths=PREFILL_LENGTHS, decode_tokens: int = 64, warmup: 
     return res
 
 
+def run_tp(lib_dir, lengths=PREFILL_LENGTHS, decode_tokens: int = 64, warmup: int = 2, repeat: int = 5,
+           seed: int = 0, session: str = "thread") -> Dict:
+    """Measure a tensor-parallel library (``bench build --tensor-parallel-shards N``) on N GPUs of
+    this host through :class:`mlc_quant.disco.DiscoEngine`: the same timing as :func:`run_ours`
+    (ids already on the devices, every timed region ends with a synchronize of every worker and
+    its GPU), seeded random weights made on each worker's GPU."""
+    import tvm  # pylint: disable=import-outside-toplevel
+
+    from mlc_quant.disco import PLUGIN_FILE, DiscoEngine  # pylint: disable=import-outside-toplevel
+
+    lib_dir = pathlib.Path(lib_dir)
+    man = json.loads((lib_dir / MANIFEST).read_text())
+    n_shards = int(man["tensor_parallel"])
+    cuda = _Cuda()
+    free0, _ = cuda.mem_info()
+    max_len = max(max(lengths), DECODE_PROMPT)
+    vocab = man["model_config"]["vocab_size"]
+    t0 = time.time()
+    engine = DiscoEngine(lib_dir / "model.so", {"kind": "random", "params": man["params"], "seed": seed}, n_shards,
+                         session=session, plugin=str(lib_dir / PLUGIN_FILE), max_seq_len=max_len + decode_tokens + 16,
+                         prefill_chunk_size=max_len, vocab_size=vocab)
+    weight_bytes = int(sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize for _, s, d in man["params"]))
+    res = {"config": man["model_config"], "scheme": man["scheme"], "synthetic_plan": man["synthetic_plan"],
+           "tensor_parallel": n_shards, "session": session, "cuda_graph": man.get("cuda_graph"),
+           "weight_bytes_per_gpu": weight_bytes, "weight_bytes": weight_bytes * n_shards,
+           "setup_s": round(time.time() - t0, 1), "nccl": engine.runtime_info.get("nccl"),
+           "nccl_version": engine.runtime_info.get("nccl_version"), "prefill": {}, "decode": {}}
+    rng = np.random.default_rng(seed)
+    finite = True
+    try:
+        for n in lengths:
+            ids = engine.broadcast_ids(rng.integers(0, vocab, (1, n)).astype(np.int32))
+
+            def prefill(ids=ids, n=n):
+                return engine.forward("prefill", ids, n)
+
+            t = _median_time(prefill, engine.sync, warmup, repeat, setup=engine.reset)
+            res["prefill"][str(n)] = {"ms": round(t * 1e3, 3), "tokens_per_s": round(n / t, 1)}
+            if n == lengths[0]:
+                engine.reset()
+                logits = engine.prefill(rng.integers(0, vocab, n))
+                finite = bool(np.isfinite(logits).all())
+        tok = engine.broadcast_ids(np.array([[7]], np.int32))
+        prompt = engine.broadcast_ids(rng.integers(0, vocab, (1, DECODE_PROMPT)).astype(np.int32))
+
+        def decode_run():
+            engine.reset()
+            engine.forward("prefill", prompt, DECODE_PROMPT)
+            engine.sync()
+            t_start = time.perf_counter()
+            for _ in range(decode_tokens):
+                engine.forward("decode", tok, 1)
+            engine.sync()
+            return time.perf_counter() - t_start
+
+        for _ in range(warmup):
+            decode_run()
+        t = statistics.median([decode_run() for _ in range(max(repeat // 2, 2))])
+        res["decode"] = {"batch": 1, "steps": decode_tokens, "ms_per_token": round(t / decode_tokens * 1e3, 3),
+                         "tokens_per_s": round(decode_tokens / t, 1)}
+        free1, _ = cuda.mem_info()  # device 0 (TVM pools memory: in use now is its peak)
+        if free0 is not None and free1 is not None:
+            res["peak_device_bytes_gpu0"] = int(free0 - free1)
+        res["logits_finite"] = finite
+    finally:
+        engine.close()
+        gc.collect()
+        tvm.get_global_func("vm.builtin.memory_manager.clear")()
+        torch = _torch()
+        if torch is not None:
+            torch.cuda.empty_cache()
+    return res
+
+
 def run_transformers(config: Dict, lengths=PREFILL_LENGTHS, decode_tokens: int = 64, warmup: int = 2,
                      repeat: int = 5, compile_mode: Optional[str] = None, seed: int = 0) -> Dict:
     """The same config in Hugging Face transformers, fp16, random weights, on cuda:0."""
@@ -475,7 +575,9 @@ def run_all(build_root, out_json: Optional[str] = None, *, configs: Optional[Seq
                 continue
             t0 = time.time()
             try:
-                r = run_ours(sdir, lengths, decode_tokens, seed=seed, profile=profile)
+                tp = int(json.loads((sdir / MANIFEST).read_text()).get("tensor_parallel", 1))
+                r = (run_tp(sdir, lengths, decode_tokens, seed=seed) if tp > 1
+                     else run_ours(sdir, lengths, decode_tokens, seed=seed, profile=profile))
             except Exception as err:  # pylint: disable=broad-except
                 import traceback  # pylint: disable=import-outside-toplevel
 
@@ -510,8 +612,28 @@ def run_all(build_root, out_json: Optional[str] = None, *, configs: Optional[Seq
             _log_run(r)
             save()
     out["ratios"] = ratios(out)
+    out["tensor_parallel_ratios"] = tp_ratios(out)
     save()
     return out
+
+
+def tp_ratios(out: Dict) -> Dict:
+    """N-GPU over 1-GPU tokens/s, per scheme: ``<config>-tp<N>`` runs vs ``<config>`` runs of the
+    same call (same host, same kind of card)."""
+    res: Dict = {}
+    runs = {(r.get("model"), r.get("scheme")): r for r in out["runs"] if "error" not in r}
+    for (model, scheme), r in sorted(runs.items()):
+        if "-tp" not in str(model):
+            continue
+        base = runs.get((str(model).rsplit("-tp", 1)[0], scheme))
+        if base is None:
+            continue
+        res[f"{model}/{scheme}"] = {
+            **{f"prefill_{n}": round(r["prefill"][n]["tokens_per_s"] / base["prefill"][n]["tokens_per_s"], 3)
+               for n in r["prefill"] if n in base["prefill"]},
+            "decode": round(r["decode"]["tokens_per_s"] / base["decode"]["tokens_per_s"], 3),
+        }
+    return res
 
 
 def _log_run(r: Dict) -> None:
@@ -604,6 +726,9 @@ def add_args(p) -> None:
                         "instead of ~550 launches per token; --no-cuda-graph for the plain VM)")
     b.add_argument("--merge-linears", action=argparse.BooleanOptionalAction, default=None,
                    help="merge q/k/v and gate/up into one linear each (default: on for CUDA builds)")
+    b.add_argument("--tensor-parallel-shards", type=int, default=1,
+                   help="N > 1: the shard module of N-GPU tensor parallelism (run through TVM Disco + NCCL), "
+                        "written to <output>/<config>-tp<N>/<scheme>")
     r = sub.add_parser("run", help="measure the built libraries on the GPU (TVM runtime only) + transformers")
     r.add_argument("dir")
     r.add_argument("--json", default="bench.json")
@@ -627,7 +752,8 @@ def main(args) -> int:
     if args.bench_command == "build":
         configs = args.config or ["llama2-7b", "smollm2"]
         done = build_all(configs, [s for s in args.schemes.split(",") if s], args.output, args.target, args.seed,
-                         cuda_graph=args.cuda_graph, merge_linears=args.merge_linears)
+                         cuda_graph=args.cuda_graph, merge_linears=args.merge_linears,
+                         tensor_parallel_shards=args.tensor_parallel_shards)
         print("\n".join(done))
         return 0
     if args.bench_command == "run":
@@ -639,6 +765,8 @@ def main(args) -> int:
                       seed=args.seed)
         print(format_table(out))
         print(json.dumps(out.get("ratios", {}), indent=1))
+        if out.get("tensor_parallel_ratios"):
+            print(json.dumps({"tensor_parallel_ratios": out["tensor_parallel_ratios"]}, indent=1))
         return 0
     out = json.loads(pathlib.Path(args.json).read_text())
     if args.bench_command == "plot":

@@ -273,6 +273,11 @@ def build_model(opts: BuildOptions, on_quantized: Optional[Callable] = None,
         param_order = [p.name for p in qmod["prefill"].params[2:]]
         if tp_shards is not None:
             sharding.save_shards(tmp, tp_shards, scheme.name)
+            if target.kind.name == "cuda":  # the wheel's TVM has no NCCL for Disco: ship ours (mlc_quant/disco.py)
+                from mlc_quant.disco import PLUGIN_FILE, build_nccl_plugin
+
+                build_nccl_plugin(tmp / PLUGIN_FILE)
+                tp_record["nccl_plugin"] = PLUGIN_FILE
         else:
             artifact.save_safetensors(tmp / artifact.PARAMS_FILE, {k: qparams[k] for k in param_order},
                                       metadata={"format": "mlc-quant", "scheme": scheme.name})

@@ -240,10 +240,10 @@ def _load_shard(spec: Dict, rank: int, names: Sequence[str], dev) -> List:
     if kind == "random":  # the benchmark: seeded random weights made on the worker's GPU
         from mlc_quant.bench import _torch, random_weight  # pylint: disable=import-outside-toplevel
 
-        torch = _torch() if dev.device_type == 2 else None  # kDLCUDA
+        torch = _torch() if dev.dlpack_device_type() == 2 else None  # kDLCUDA
         shapes = {n: (s, d) for n, s, d in spec["params"]}
         out = []
-        ctx = torch.cuda.device(dev.device_id) if torch is not None else _null()
+        ctx = torch.cuda.device(dev.index) if torch is not None else _null()
         with ctx:
             for n in names:
                 shape, dtype = shapes[n]
@@ -486,22 +486,34 @@ class DiscoEngine(Engine):  # pylint: disable=too-many-instance-attributes
 
 
 def disco_module():
-    """``tvm.runtime.disco`` once Disco is loaded (``tvm.runtime`` sets ``disco = None`` when
-    ``libtvm_runtime_extra.so`` was not loaded at ``import tvm``, as in runtime-only mode)."""
+    """``tvm.runtime.disco``, complete, once Disco is loaded.
+
+    ``import tvm`` imports it before :func:`load_disco_runtime` can run: with the full TVM the
+    import fails on the unknown object types and ``tvm.runtime.disco`` is None (imported afresh
+    here); with the runtime-only TVM it succeeds with those types skipped and an empty FFI table
+    (both filled in here)."""
     import importlib  # pylint: disable=import-outside-toplevel
     import sys  # pylint: disable=import-outside-toplevel
 
     import tvm.runtime  # pylint: disable=import-outside-toplevel
+    import tvm_ffi  # pylint: disable=import-outside-toplevel
 
-    loaded = load_disco_runtime()
+    load_disco_runtime()
     mod = getattr(tvm.runtime, "disco", None)
-    if mod is None or loaded is not None or not hasattr(mod._ffi_api, "SessionThreaded"):  # pylint: disable=protected-access
-        # imported (or failed to) before Disco was loaded: its FFI table and object types are
-        # empty; import it afresh (process_pool stays: it registered its global already)
+    if mod is None:
         for name in ("tvm.runtime.disco", "tvm.runtime.disco._ffi_api", "tvm.runtime.disco.session"):
-            sys.modules.pop(name, None)
+            sys.modules.pop(name, None)  # process_pool stays: it registered its global already
         mod = importlib.import_module("tvm.runtime.disco")
         tvm.runtime.disco = mod
+    ffi_api = sys.modules["tvm.runtime.disco._ffi_api"]
+    if not hasattr(ffi_api, "SessionThreaded"):
+        importlib.reload(ffi_api)
+    session = sys.modules["tvm.runtime.disco.session"]
+    for key, cls in (("runtime.disco.DRef", session.DRef), ("runtime.disco.Session", session.Session),
+                     ("runtime.disco.ThreadedSession", session.ThreadedSession),
+                     ("runtime.disco.ProcessSession", session.ProcessSession)):
+        if "__tvm_ffi_type_info__" not in cls.__dict__:
+            tvm_ffi.register_object(key)(cls)
     return mod
 
 

@@ -19,8 +19,7 @@ def main() -> None:
 
     if os.environ.get(disco.ENV_CUDA) == "1":
         disco.load_nccl_plugin(os.environ.get(disco.ENV_PLUGIN))
-    else:
-        disco.load_disco_runtime()
+    disco.disco_module()  # Disco loaded, its Python globals (_import_python_module) registered
     import tvm_ffi  # pylint: disable=import-outside-toplevel
 
     worker_id, num_workers, num_groups, reader, writer = (int(a) for a in sys.argv[1:])

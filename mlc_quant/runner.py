@@ -24,9 +24,14 @@ def load_built(build_dir, device: str = "cpu", max_seq_len: Optional[int] = None
 
     cfg = artifact.read_config(build_dir)
     shards = cfg.get("tensor_parallel", {}).get("shards", 1)
-    if shards > 1:
-        raise ValueError(f"{build_dir} is a {shards}-shard tensor-parallel build (params-shard*.safetensors): it runs "
-                         f"only under TVM Disco with NCCL on {shards} GPUs, which this single-device runner does not do")
+    if shards > 1:  # N GPUs through TVM Disco + NCCL (N = 1 takes the single-device path below, unchanged)
+        if cfg["target"] != "cuda" or not device.startswith("cuda"):
+            raise ValueError(f"{build_dir} is a {shards}-shard tensor-parallel build: it runs on {shards} GPUs "
+                             f"(TVM Disco + NCCL); build with --target cuda and run with --device cuda")
+        from mlc_quant.disco import load_built_tp
+
+        engine, cfg = load_built_tp(build_dir, device="cuda", max_seq_len=max_seq_len)
+        return engine, _tokenizer(build_dir), cfg
     lib = pathlib.Path(build_dir) / artifact.LIB_FILE
     if cfg["target"] == "cuda":
         if not device.startswith("cuda"):
