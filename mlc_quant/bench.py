@@ -557,7 +557,7 @@ def run_transformers(config: Dict, lengths=PREFILL_LENGTHS, decode_tokens: int =
 def run_all(build_root, out_json: Optional[str] = None, *, configs: Optional[Sequence[str]] = None,
             schemes: Optional[Sequence[str]] = None, lengths=PREFILL_LENGTHS, decode_tokens: int = 64,
             hf: bool = True, hf_compile: bool = True, profile: bool = True, budget_s: float = 1e9,
-            seed: int = 0) -> Dict:
+            seed: int = 0, tp_session: str = "thread") -> Dict:
     """Every built library under ``build_root`` (``<config>/<scheme>/``), then transformers."""
     root = pathlib.Path(build_root)
     t_start = time.time()
@@ -576,7 +576,7 @@ def run_all(build_root, out_json: Optional[str] = None, *, configs: Optional[Seq
             t0 = time.time()
             try:
                 tp = int(json.loads((sdir / MANIFEST).read_text()).get("tensor_parallel", 1))
-                r = (run_tp(sdir, lengths, decode_tokens, seed=seed) if tp > 1
+                r = (run_tp(sdir, lengths, decode_tokens, seed=seed, session=tp_session) if tp > 1
                      else run_ours(sdir, lengths, decode_tokens, seed=seed, profile=profile))
             except Exception as err:  # pylint: disable=broad-except
                 import traceback  # pylint: disable=import-outside-toplevel
@@ -741,6 +741,8 @@ def add_args(p) -> None:
     r.add_argument("--no-profile", dest="profile", action="store_false")
     r.add_argument("--budget-s", type=float, default=1e9, help="skip further reference runs after this many seconds")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--tp-session", choices=["thread", "process"], default="thread",
+                   help="Disco session of tensor-parallel libraries: one process (threads) or one per GPU")
     t = sub.add_parser("table", help="markdown table of a bench JSON")
     t.add_argument("json")
     pl = sub.add_parser("plot", help="PNG of a bench JSON (needs matplotlib)")
@@ -762,7 +764,7 @@ def main(args) -> int:
                       schemes=args.schemes.split(",") if args.schemes else None,
                       lengths=tuple(int(x) for x in args.lengths.split(",")), decode_tokens=args.decode_tokens,
                       hf=args.hf, hf_compile=args.hf_compile, profile=args.profile, budget_s=args.budget_s,
-                      seed=args.seed)
+                      seed=args.seed, tp_session=args.tp_session)
         print(format_table(out))
         print(json.dumps(out.get("ratios", {}), indent=1))
         if out.get("tensor_parallel_ratios"):

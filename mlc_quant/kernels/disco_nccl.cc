@@ -20,6 +20,7 @@
 #include <dlpack/dlpack.h>
 #include <tvm/ffi/container/shape.h>
 #include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/extra/c_env_api.h>
 #include <tvm/ffi/extra/cuda/base.h>
 #include <tvm/ffi/function.h>
 #include <tvm/ffi/optional.h>
@@ -185,7 +186,6 @@ ncclRedOp_t AsNCCLRedOp(int kind) {
 struct Context {
   DiscoWorker* worker = nullptr;
   int device_id = 0;
-  cudaStream_t default_stream = nullptr;
   ncclComm_t comm = nullptr;
 
   ~Context() { Clear(); }
@@ -194,20 +194,13 @@ struct Context {
       Api().CommDestroy(comm);
       comm = nullptr;
     }
-    if (default_stream) {
-      cudaStreamDestroy(default_stream);
-      default_stream = nullptr;
-    }
     worker = nullptr;
   }
-  // The stream TVM runs this worker's kernels on (TVMFFIEnvGetStream), else our own stream.
-  cudaStream_t Stream() {
-    static const auto func = ffi::Function::GetGlobal("runtime.get_cuda_stream");
-    if (func.has_value()) {
-      auto s = static_cast<cudaStream_t>((*func)().cast<void*>());
-      if (s != nullptr) return s;
-    }
-    return default_stream;
+  // The stream TVM runs this worker's kernels on: the tvm-ffi environment stream of the device
+  // (TVM's CUDA-graph capture sets it to the capture stream, so the collective is captured too),
+  // else the legacy default stream, which the kernels use then: no cross-stream ordering needed.
+  cudaStream_t Stream() const {
+    return static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device_id));
   }
   static Context* Get() {
     thread_local static Context ctx;
@@ -239,7 +232,6 @@ void InitCCLPerWorker(ffi::Shape device_ids, std::string unique_id_bytes) {
       << "init_ccl got " << device_ids.size() << " device ids for worker " << worker->local_worker_id;
   int device_id = static_cast<int>(device_ids[worker->local_worker_id]);
   TVM_FFI_CHECK_CUDA_ERROR(cudaSetDevice(device_id));
-  TVM_FFI_CHECK_CUDA_ERROR(cudaStreamCreate(&ctx->default_stream));
   DLDevice device{kDLCUDA, device_id};
   if (worker->default_device.device_type == kDLCPU) {
     worker->default_device = device;
@@ -299,9 +291,11 @@ void BroadcastFromWorker0(ffi::Optional<Tensor> send, bool in_group, Tensor recv
                                  AsNCCLDataType(recv.dtype()), 0, ctx->comm, ctx->Stream()));
 }
 
+// Session._sync_worker: everything enqueued on this worker's GPU is done (timing relies on it).
 void SyncWorker() {
   Context* ctx = Ready();
-  TVM_FFI_CHECK_CUDA_ERROR(cudaStreamSynchronize(ctx->Stream()));
+  TVM_FFI_CHECK_CUDA_ERROR(cudaSetDevice(ctx->device_id));
+  TVM_FFI_CHECK_CUDA_ERROR(cudaDeviceSynchronize());
 }
 
 int64_t NcclVersion() {
