@@ -52,6 +52,8 @@ def main():
     p.add_argument("--only", default="", help="comma-separated config keys (default: all)")
     p.add_argument("--out", default="docs/rotation_accuracy.json")
     p.add_argument("--keep-float", default="", help="e.g. lm_head: linears kept float (suffixes the row keys)")
+    p.add_argument("--weight-clip", default="absmax", choices=["absmax", "mse"],
+                   help="RTN weight range of quantized configs (mse suffixes the row keys; build --weight-clip)")
     p.add_argument("--dataset", default="shakespeare", help="calibration text of smoothed configs")
     p.add_argument("--calib-samples", type=int, default=8)
     p.add_argument("--calib-seq-len", type=int, default=256)
@@ -65,12 +67,14 @@ def main():
             key = key_of(scheme, rot, kind, smooth)
             keep = tuple(x for x in args.keep_float.split(",") if x) if not scheme.startswith("q0") else ()
             key += f" keep-float={','.join(keep)}" if keep else ""
+            clip = args.weight_clip if not scheme.startswith("q0") else "absmax"
+            key += f" clip={clip}" if clip != "absmax" else ""
             out = os.path.join(tmp, key.replace(" ", "_").replace("=", "-"))
             t0 = time.time()
             build_model(BuildOptions(model=args.model, quantization=scheme, output=out, smooth=smooth,
                                      max_seq_len=args.ctx, rotation=rot, rotation_kind=kind,
                                      dataset=args.dataset, calib_samples=args.calib_samples,
-                                     calib_seq_len=args.calib_seq_len, keep_float=keep))
+                                     calib_seq_len=args.calib_seq_len, keep_float=keep, weight_clip=clip))
             t_build = time.time() - t0
             engine, tokenizer, _ = load_built(out, max_seq_len=args.ctx)
             if tokens is None:
@@ -80,8 +84,10 @@ def main():
             t0 = time.time()
             ppl = engine.perplexity(tokens, args.ctx)
             results["runs"][key] = {"perplexity": ppl, "scheme": scheme, "rotation": rot, "kind": kind,
-                                    "smooth": smooth, "build_s": round(t_build, 1),
-                                    "eval_s": round(time.time() - t0, 1)}
+                                    "smooth": smooth, "keep_float": list(keep), "weight_clip": clip,
+                                    "build_s": round(t_build, 1),
+                                    "eval_s": round(time.time() - t0, 1),
+                                    "command": "python " + " ".join(sys.argv)}
             print(f"{key:40s} perplexity {ppl:.4f}  (build {t_build:.0f} s, eval {time.time() - t0:.0f} s)",
                   flush=True)
             del engine

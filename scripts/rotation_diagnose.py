@@ -174,24 +174,35 @@ def main():
         return out
 
     def ppl(wset, aset):
-        total = 0.0
-        for j in range(ids.shape[0]):  # one window at a time: bounded memory
-            total += nll_sum(model.run(ids[j:j + 1], wq_of(wset), aset), ids[j:j + 1])
-        return math.exp(total / (ids.shape[0] * (args.ctx - 1)))
+        per_window = [nll_sum(model.run(ids[j:j + 1], wq_of(wset), aset), ids[j:j + 1])  # bounded memory
+                      for j in range(ids.shape[0])]
+        return math.exp(sum(per_window) / (ids.shape[0] * (args.ctx - 1))), per_window
 
     results = {"setup": {"command": "python " + " ".join(sys.argv), "rotation": args.rotation,
-                         "windows": [args.first_window, args.first_window + args.windows], "ctx": args.ctx,
-                         "weight_clip": args.weight_clip}, "runs": {}}
+                         "windows": [args.first_window, args.first_window + args.windows], "ctx": args.ctx}, "runs": {}}
+    if args.out and os.path.exists(args.out):  # same windows and rotation: keep finished runs
+        old = json.load(open(args.out))
+        if all(old["setup"].get(k) == results["setup"][k] for k in ("rotation", "windows", "ctx")):
+            results["runs"] = {k: v for k, v in old["runs"].items() if "window_nll" in v}
     t0 = time.time()
-    base = ppl(set(), set())
-    results["runs"]["float"] = {"perplexity": base}
+    if "float" not in results["runs"]:
+        base, base_w = ppl(set(), set())
+        results["runs"]["float"] = {"perplexity": base, "window_nll": base_w}
+    base, base_w = results["runs"]["float"]["perplexity"], results["runs"]["float"]["window_nll"]
     print(f"float {base:.4f} ({time.time() - t0:.0f} s)", flush=True)
     for e in args.exp:
         name, _, spec = e.partition("=")
         ws, _, as_ = spec.partition("/")
+        if name in results["runs"] and results["runs"][name].get("w") == ws and results["runs"][name].get("a") == as_ \
+                and results["runs"][name].get("weight_clip") == args.weight_clip:
+            print(f"{name}: kept from {args.out}: {results['runs'][name]['perplexity']:.4f}", flush=True)
+            continue
         t0 = time.time()
-        v = ppl(parse_set(ws, config.num_hidden_layers), parse_set(as_, config.num_hidden_layers))
-        results["runs"][name] = {"w": ws, "a": as_, "perplexity": v, "vs_float_pct": (v / base - 1) * 100}
+        v, v_w = ppl(parse_set(ws, config.num_hidden_layers), parse_set(as_, config.num_hidden_layers))
+        results["runs"][name] = {"w": ws, "a": as_, "perplexity": v, "vs_float_pct": (v / base - 1) * 100,
+                                 "weight_clip": args.weight_clip, "window_nll": v_w}
+        print("  mean NLL change per window:", " ".join(f"{(a - b) / (args.ctx - 1):+.4f}"
+                                                        for a, b in zip(v_w, base_w)), flush=True)
         print(f"{name:20s} W={ws:14s} A={as_:14s} {v:.4f} {(v / base - 1) * 100:+.3f}% ({time.time() - t0:.0f} s)",
               flush=True)
         if args.out:
