@@ -255,7 +255,7 @@ def _peak_rss_mb() -> float:
 def quantize_streamed(model: str, scheme, samples: Iterable[np.ndarray], work_dir, *, alpha=0.5,
                       smooth: bool = True, keep_float: Sequence[str] = (), deploy_dtype: str = "float32",
                       merges: Sequence = (), spill_mb: float = DEFAULT_SPILL_MB,
-                      prefill_chunk_size: int = 2048, config=None) -> StreamedResult:
+                      prefill_chunk_size: int = 2048, config=None, cache_dir=None) -> StreamedResult:
     """Calibrate and quantize ``model`` (HF folder, GGUF file or bundled name) one decoder block at
     a time; the deploy params land in per-block shards under ``work_dir``.
 
@@ -265,7 +265,8 @@ def quantize_streamed(model: str, scheme, samples: Iterable[np.ndarray], work_di
     ``deploy_dtype``: float16 casts the float params as the fp16 build does; ``merges``: the
     ``LinearMerge`` list of a merged deploy module (applied per block). Peak host memory: one
     block's float32 weights (a few copies) + the activations (``spill_mb`` caps what stays in RAM)
-    + O(channels) statistics, whatever the number of layers.
+    + O(channels) statistics, whatever the number of layers. ``cache_dir``: keep the compiled
+    one-block module there (it depends on the layer's shapes, not on the number of layers).
     """
     from mlc_quant.autoround import ActStore  # pylint: disable=import-outside-toplevel
     from mlc_quant.model.llama import export_model, param_shapes  # pylint: disable=import-outside-toplevel
@@ -388,8 +389,8 @@ def quantize_streamed(model: str, scheme, samples: Iterable[np.ndarray], work_di
         block_mod = AnnotateLinear(weight_names=names_all)(block_mod)
         t0 = time.time()
         stats_mod = CollectStats(scheme.stat_kinds)(block_mod)
-        stats_exe = pipeline.build(stats_mod, "llvm")
-        log.info("compiled the one-block calibration module in %.0f s", time.time() - t0)
+        stats_exe = _compiled_block(stats_mod, config, scheme, cache_dir)
+        log.info("one-block calibration module ready in %.0f s", time.time() - t0)
 
     # 1. the embedding: the first block's inputs (the table alone is read)
     has_embed_unit = any(unit_of[n] == "embed" for n in shapes)
@@ -408,11 +409,14 @@ def quantize_streamed(model: str, scheme, samples: Iterable[np.ndarray], work_di
     runner = _BlockRunner(stats_exe, stats_mod, len(ids[0]) if ids else 0, prefill_chunk_size) if store is not None else None
     bar = progress(range(n_layers), total=n_layers, desc="streamed calibration", unit="block")
     for layer in bar:
+        t0 = time.time()
         params = read_unit(layer)
         if runner is not None:
             runner.run_block(layer, params, store, observer)
         finish_unit(layer, params)
         del params
+        log.info("block %d/%d done in %.1f s (peak RSS so far %.0f MB)", layer + 1, n_layers, time.time() - t0,
+                 _peak_rss_mb())
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(rss_mb=f"{_peak_rss_mb():.0f}")
     head_params = read_unit("head")
@@ -434,6 +438,32 @@ def quantize_streamed(model: str, scheme, samples: Iterable[np.ndarray], work_di
         summary["activation_scales"] = {n: [a.scale, a.zero_point] for n, a in plan.act_qparams.items()}
     summary["stream_s"] = round(time.time() - t_start, 1)
     return StreamedResult(plan, observer, summary, inv_scale, index, _peak_rss_mb())
+
+
+def _compiled_block(stats_mod: IRModule, config, scheme: QuantScheme, cache_dir=None):
+    """The compiled one-block module; with ``cache_dir``, a shared library reused across builds of
+    models with the same layer shapes (keyed by everything the module depends on)."""
+    if cache_dir is None:
+        return pipeline.build(stats_mod, "llvm")
+    import hashlib  # pylint: disable=import-outside-toplevel
+    import json  # pylint: disable=import-outside-toplevel
+
+    from mlc_quant.cpu_schedule import host_target  # pylint: disable=import-outside-toplevel
+
+    key = {k: v for k, v in config.to_dict().items() if k != "num_hidden_layers"}
+    key.update(kinds=list(scheme.stat_kinds), tvm=tvm.__version__, target=str(host_target()),
+               mlc_quant=__import__("mlc_quant").__version__, source=pathlib.Path(__file__).stat().st_mtime)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    lib = pathlib.Path(cache_dir) / f"stream-block-{digest}.so"
+    if lib.is_file():
+        log.info("one-block calibration module from %s", lib)
+        return tvm.runtime.load_module(str(lib))
+    exe = pipeline.build(stats_mod, "llvm")
+    lib.parent.mkdir(parents=True, exist_ok=True)
+    part = lib.with_suffix(f".{os.getpid()}.tmp.so")
+    exe.export_library(str(part))
+    part.rename(lib)
+    return tvm.runtime.load_module(str(lib))
 
 
 class _BlockRunner:
@@ -513,6 +543,29 @@ def deploy_merges(config, scheme: QuantScheme, keep_float, smooth: bool, deploy_
     return pipeline.merge_linears(qmod, {}, scheme)[2]
 
 
+def write_deploy_params(result: StreamedResult, config, scheme: QuantScheme, deploy_dtype: str, target,
+                        merges: Optional[Sequence], path) -> Tuple[IRModule, List[str]]:
+    """The deploy module (the exported model with the streamed plan applied, merged if ``merges``
+    is not None) and ``params.safetensors`` at ``path``, assembled from the shards one tensor at a
+    time in the module's parameter order. Returns (module, parameter order)."""
+    from mlc_quant.model.llama import export_model  # pylint: disable=import-outside-toplevel
+
+    qmod = result.plan.apply(export_model(config, deploy_dtype, target)[0])
+    if merges is not None:
+        qmod, _, real = pipeline.merge_linears(qmod, {}, scheme)
+        if [m.to_dict() for m in real] != [m.to_dict() for m in merges]:
+            raise RuntimeError("streamed build: the deploy module's sibling merges differ from those planned "
+                               "before calibration")
+    param_order = [p.name for p in qmod["prefill"].params[2:]]
+    missing = [n for n in param_order if n not in result.index]
+    if missing:
+        raise RuntimeError(f"streamed build: params {missing[:5]} of the deploy module were not written")
+    specs = [(n, result.index[n][1]["dtype"], result.index[n][1]["shape"]) for n in param_order]
+    artifact.save_safetensors_streamed(path, specs, result.read, metadata={"format": "mlc-quant",
+                                                                           "scheme": scheme.name})
+    return qmod, param_order
+
+
 def build_streamed(opts, path: str, config, scheme: QuantScheme, target, alpha, t_start: float) -> str:
     """``build_model`` with ``--calibration streamed``: the same artifact, built block by block
     (the caller checked the options; see :func:`unsupported`)."""
@@ -520,7 +573,7 @@ def build_streamed(opts, path: str, config, scheme: QuantScheme, target, alpha, 
 
     from mlc_quant.build import _deploy_dtype, resolve_keep_float  # pylint: disable=import-outside-toplevel
     from mlc_quant.datasets import calibration_samples  # pylint: disable=import-outside-toplevel
-    from mlc_quant.model.llama import export_model, param_shapes  # pylint: disable=import-outside-toplevel
+    from mlc_quant.model.llama import param_shapes  # pylint: disable=import-outside-toplevel
     from mlc_quant.model.tokenizer import load_tokenizer, save_tokenizer  # pylint: disable=import-outside-toplevel
 
     deploy_dtype = _deploy_dtype(opts.dtype, target)
@@ -538,19 +591,8 @@ def build_streamed(opts, path: str, config, scheme: QuantScheme, target, alpha, 
                                        deploy_dtype=deploy_dtype, merges=merges, spill_mb=opts.calibration_spill_mb,
                                        prefill_chunk_size=min(opts.calib_seq_len, 2048), config=config)
             calib_s = time.time() - t_start
-            qmod = result.plan.apply(export_model(config, deploy_dtype, target)[0])
-            if merge:
-                qmod, _, real = pipeline.merge_linears(qmod, {}, scheme)
-                if [m.to_dict() for m in real] != [m.to_dict() for m in merges]:
-                    raise RuntimeError("streamed build: the deploy module's sibling merges differ from those "
-                                       "planned before calibration")
-            param_order = [p.name for p in qmod["prefill"].params[2:]]
-            missing = [n for n in param_order if n not in result.index]
-            if missing:
-                raise RuntimeError(f"streamed build: params {missing[:5]} of the deploy module were not written")
-            specs = [(n, result.index[n][1]["dtype"], result.index[n][1]["shape"]) for n in param_order]
-            artifact.save_safetensors_streamed(tmp / artifact.PARAMS_FILE, specs, result.read,
-                                               metadata={"format": "mlc-quant", "scheme": scheme.name})
+            qmod, param_order = write_deploy_params(result, config, scheme, deploy_dtype, target, merges if merge else None,
+                                                    tmp / artifact.PARAMS_FILE)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         t0 = time.time()

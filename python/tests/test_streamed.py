@@ -159,6 +159,22 @@ def test_streamed_with_decode_steps_close(tiny_llama_dir, tmp_path):
     assert_params_match(ref.params, got, rtol=1e-5, flips=1e-2)
 
 
+def test_streamed_block_module_cache(whole, tiny_llama_dir, tmp_path):
+    """cache_dir: the compiled one-block module is written once and reloaded; same result."""
+    ref = whole.quantize("smq_q8i8f16_1")
+    first = streamed.quantize_streamed(tiny_llama_dir, "smq_q8i8f16_1", whole.samples, tmp_path / "a",
+                                       cache_dir=tmp_path / "cache")
+    libs = sorted((tmp_path / "cache").glob("stream-block-*.so"))
+    assert len(libs) == 1
+    mtime = libs[0].stat().st_mtime_ns
+    again = streamed.quantize_streamed(tiny_llama_dir, "smq_q8i8f16_1", whole.samples, tmp_path / "b",
+                                       cache_dir=tmp_path / "cache")
+    assert libs[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+    for got in (first, again):
+        assert_plan_match(ref.plan, got.plan)
+        assert_params_match(ref.params, got)
+
+
 def test_streamed_bad_input(tiny_llama_dir, tmp_path, whole):
     with pytest.raises(ValueError, match="alpha must be in"):
         streamed.quantize_streamed(tiny_llama_dir, "smq_q8i8f16_1", whole.samples, tmp_path / "a", alpha=1.5)
