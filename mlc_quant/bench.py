@@ -416,18 +416,20 @@ def run_ours(lib_dir, lengths=PREFILL_LENGTHS, decode_tokens: int = 64, warmup: 
 
 
 def run_tp(lib_dir, lengths=PREFILL_LENGTHS, decode_tokens: int = 64, warmup: int = 2, repeat: int = 5,
-           seed: int = 0, session: str = "thread") -> Dict:
+           seed: int = 0, session: str = "thread", workers: Optional[int] = None, profile: bool = False) -> Dict:
     """Measure a tensor-parallel library (``bench build --tensor-parallel-shards N``) on N GPUs of
     this host through :class:`mlc_quant.disco.DiscoEngine`: the same timing as :func:`run_ours`
     (ids already on the devices, every timed region ends with a synchronize of every worker and
-    its GPU), seeded random weights made on each worker's GPU."""
+    its GPU), seeded random weights made on each worker's GPU. ``workers``: run on fewer workers
+    than the library's shards (1: one shard's share of the work on one GPU, its all-reduces over
+    one rank; a diagnosis of compute vs communication). ``profile``: per-op times of worker 0."""
     import tvm  # pylint: disable=import-outside-toplevel
 
     from mlc_quant.disco import PLUGIN_FILE, DiscoEngine  # pylint: disable=import-outside-toplevel
 
     lib_dir = pathlib.Path(lib_dir)
     man = json.loads((lib_dir / MANIFEST).read_text())
-    n_shards = int(man["tensor_parallel"])
+    n_shards = int(workers or man["tensor_parallel"])
     cuda = _Cuda()
     free0, _ = cuda.mem_info()
     max_len = max(max(lengths), DECODE_PROMPT)
@@ -479,6 +481,14 @@ def run_tp(lib_dir, lengths=PREFILL_LENGTHS, decode_tokens: int = 64, warmup: in
         if free0 is not None and free1 is not None:
             res["peak_device_bytes_gpu0"] = int(free0 - free1)
         res["logits_finite"] = finite
+        if profile:
+            n = max(lengths)
+            engine.reset()
+            ids = engine.broadcast_ids(rng.integers(0, vocab, (1, n)).astype(np.int32))
+            res["profile"] = {f"prefill_{n}": engine.profile("prefill", ids, n)}
+            engine.reset()
+            engine.forward("prefill", prompt, DECODE_PROMPT)
+            res["profile"]["decode_8_steps"] = engine.profile("decode", tok, 1, steps=8)
     finally:
         engine.close()
         gc.collect()

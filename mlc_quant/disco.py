@@ -281,6 +281,27 @@ def _worker_free(token: str) -> int:
     return 0
 
 
+_PROFILES: Dict[int, object] = {}  # rank -> bench.OpProfile
+
+
+def _worker_set_profiler(vm_module, on: int) -> int:
+    """Per-op device time of this worker's VM (bench.OpProfile: synchronize around every call)."""
+    from mlc_quant.bench import OpProfile  # pylint: disable=import-outside-toplevel
+
+    rank = _worker_rank()
+    if int(on):
+        prof = _PROFILES[rank] = OpProfile(_worker_device())
+        vm_module["set_instrument"](lambda *a: prof(*a))
+    else:
+        vm_module["set_instrument"](lambda *a: 0)
+    return 0
+
+
+def _worker_profile_table() -> str:
+    prof = _PROFILES.get(_worker_rank())
+    return json.dumps(prof.table() if prof is not None else [])
+
+
 def register_worker_functions() -> None:
     """The worker-side globals (this module's import does it; also in every worker process)."""
     import tvm_ffi  # pylint: disable=import-outside-toplevel
@@ -288,6 +309,8 @@ def register_worker_functions() -> None:
     tvm_ffi.register_global_func("mlc_quant.disco.load", _worker_load, override=True)
     tvm_ffi.register_global_func("mlc_quant.disco.param", _worker_param, override=True)
     tvm_ffi.register_global_func("mlc_quant.disco.free", _worker_free, override=True)
+    tvm_ffi.register_global_func("mlc_quant.disco.set_profiler", _worker_set_profiler, override=True)
+    tvm_ffi.register_global_func("mlc_quant.disco.profile_table", _worker_profile_table, override=True)
 
 
 register_worker_functions()
@@ -435,6 +458,17 @@ class DiscoEngine(Engine):  # pylint: disable=too-many-instance-attributes
         out = self._f[fn](ids_dref, self.kv_cache, *self._params)
         self._end(self.kv_cache)
         return out
+
+    def profile(self, fn: str, ids_dref, n: int, steps: int = 1) -> List[Dict]:
+        """Per-op device time on worker 0 of ``steps`` calls of ``fn`` (every op synchronized:
+        for the breakdown, not the total)."""
+        setp = self.sess.get_global_func("mlc_quant.disco.set_profiler")
+        setp(self.mod, 1)
+        for _ in range(steps):
+            self.forward(fn, ids_dref, n)
+        self.sync()
+        setp(self.mod, 0)
+        return json.loads(str(self.sess.get_global_func("mlc_quant.disco.profile_table")().debug_get_from_remote(0)))
 
     def sync(self) -> None:
         """Wait for every worker (and, with NCCL, its GPU) to finish what was enqueued."""

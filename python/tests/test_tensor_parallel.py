@@ -122,8 +122,9 @@ def test_sharded_cuda_module_offloads_every_gemm(scheme_name, merge):
     """The 2-shard module (what ``--tensor-parallel-shards 2 --target cuda`` compiles): every linear
     is an external GEMM, none left to TVM. For smq_q8i8f16_3 the per-token absmax of o/down goes
     through an all-reduce(max) between the scale's max and divide, so their GEMMs match the
-    per-token pattern with the scale given (``w8a8_token_q``: TVM computes the scale, the kernel
-    quantizes x) instead of the one that computes the scale inside (``w8a8_token_dyn``)."""
+    per-token pattern with the scale given (``w8a8_token``: int8 x and its scale given) instead of
+    the one that computes the scale inside (``w8a8_token_dyn``), and the absmax itself is a
+    scheduled row-reduction kernel."""
     import tvm  # pylint: disable=import-outside-toplevel
     from tvm import relax  # pylint: disable=import-outside-toplevel
 
@@ -157,11 +158,20 @@ def test_sharded_cuda_module_offloads_every_gemm(scheme_name, merge):
         assert len(calls) == per_layer * layers + 1, (fn, calls)  # + the (replicated) LM head
         assert all(c.endswith("mlc_cutlass") for c in calls)
         assert len(_ccl_calls(dmod, fn)) == len(_ccl_calls(qmod, fn))  # the all-reduces stay in the graph
+        rowmax = []
+        relax.analysis.post_order_visit(
+            dmod[fn], lambda e: rowmax.append(e) if isinstance(e, relax.Call)
+            and getattr(e.op, "name", "") == "relax.call_tir" and "row_absmax" in e.args[0].name_hint else None)
         if scheme.act == "per_token_sym":
             fused_scale = [c for c in calls if "relax_abs_relax_max" in c]
             given_scale = [c for c in calls if "relax_abs_relax_max" not in c]
             assert len(given_scale) == 2 * layers  # o_proj, down_proj (row-parallel)
             assert len(fused_scale) == (per_layer - 2) * layers + 1
+            # their absmax (before the all-reduce) runs as the scheduled row kernel, not dlight's
+            # fallback (cuda_dispatch.schedule_row_absmax)
+            assert len(rowmax) == 2 * layers
+        else:
+            assert not rowmax
     if scheme_name == "smq_q8i8f16_3" and not merge:
         tvm.compile(dmod, target)  # the sharded module compiles (ccl.allreduce -> runtime.disco.allreduce)
 
