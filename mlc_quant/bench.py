@@ -653,7 +653,7 @@ def _log_run(r: Dict) -> None:
         return
     pre = " ".join(f"{n}:{v['tokens_per_s']:.0f}" for n, v in r["prefill"].items())
     dec = r["decode"].get("tokens_per_s", "-")
-    mem = r.get("peak_device_bytes", 0) / 2**30
+    mem = r.get("peak_device_bytes", r.get("peak_device_bytes_gpu0", 0)) / 2**30
     print(f"[bench] {r.get('model')} {name}: prefill tok/s {pre} | decode tok/s {dec} | weights "
           f"{r['weight_bytes'] / 2**30:.2f} GiB | peak {mem:.2f} GiB | {r.get('wall_s')} s", flush=True)
 
@@ -714,7 +714,8 @@ def format_table(out: Dict) -> str:
         cell = [f"{p[n]['tokens_per_s']:.0f}" if n in p else "-" for n in ("128", "512", "2048")]
         dec = r["decode"].get("tokens_per_s")
         lines.append(f"| {r.get('model')} | {name} | {' | '.join(cell)} | {dec if dec else '-'} | "
-                     f"{r['weight_bytes'] / 2**30:.2f} | {r.get('peak_device_bytes', 0) / 2**30:.2f} |")
+                     f"{r['weight_bytes'] / 2**30:.2f} | "
+                     f"{r.get('peak_device_bytes', r.get('peak_device_bytes_gpu0', 0)) / 2**30:.2f} |")
     return "\n".join(lines)
 
 
