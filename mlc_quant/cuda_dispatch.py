@@ -653,12 +653,11 @@ def schedule_row_absmax(mod: tvm.IRModule) -> tvm.IRModule:
         if isinstance(func, relax.Function) and not (func.attrs and ("Codegen" in func.attrs
                                                                      or "Composite" in func.attrs)):
             rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
-    out = rewriter.builder_.get()
-    if funcs:
-        out = relax.transform.DeadCodeElimination()(out)
-        logger.info("mlc_quant: %d per-token absmax reduction(s) scheduled as row kernels (widths %s)",
-                    len(funcs), sorted(k for k, _ in funcs))
-    return out
+    if not funcs:
+        return mod  # nothing rewritten: the module as it was
+    logger.info("mlc_quant: %d per-token absmax reduction(s) scheduled as row kernels (widths %s)",
+                len(funcs), sorted(k for k, _ in funcs))
+    return relax.transform.DeadCodeElimination()(rewriter.builder_.get())
 
 
 def dispatch_gemms(mod: tvm.IRModule, *, strict: bool = False, attach_kernels: bool = True,
