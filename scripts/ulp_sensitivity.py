@@ -16,34 +16,10 @@ import json
 import os
 import sys
 
-import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-EMBED = "model_embed_tokens_weight"
 PROMPT = "Once upon a time, in a small village by the sea, there lived"  # test_cuda_build's
-
-
-def run(engine, prompt_ids, ppl_ids, ctx, n):
-    engine.reset()
-    logits = engine.prefill(prompt_ids)[-1]
-    tokens = []
-    for _ in range(n):
-        tokens.append(int(np.argmax(logits)))
-        logits = engine.decode(tokens[-1])
-    return tokens, engine.perplexity(ppl_ids, ctx)
-
-
-def teacher_forced(engine, prompt_ids, tokens):
-    engine.reset()
-    logits = engine.prefill(prompt_ids)[-1]
-    argmax, margins = [], []
-    for t in tokens:
-        top = np.sort(np.asarray(logits, np.float64))[::-1]
-        argmax.append(int(np.argmax(logits)))
-        margins.append(float(top[0] - top[1]))
-        logits = engine.decode(t)
-    return argmax, margins
 
 
 def main():
@@ -57,6 +33,7 @@ def main():
     args = p.parse_args()
 
     from mlc_quant import artifact
+    from mlc_quant.compare import first_difference, greedy_tokens, teacher_forced, ulp_nudged, window_choices
     from mlc_quant.runner import load_built, read_text
     from mlc_quant.runtime import Engine
 
@@ -65,23 +42,25 @@ def main():
         raise SystemExit(f"{args.build} is a {cfg['target']} build: give a CPU build")
     prompt_ids = tok.encode(args.prompt)
     ppl_ids = tok.encode(read_text("britannica"))[: args.ctx * args.windows]
-    ref_tokens, ref_ppl = run(engine, prompt_ids, ppl_ids, args.ctx, args.tokens)
+    ref_tokens = greedy_tokens(engine, prompt_ids, args.tokens)
     _, ref_margins = teacher_forced(engine, prompt_ids, ref_tokens)
+    ref_ppl, ref_choices, choice_margins = window_choices(engine, ppl_ids, args.ctx)
 
     params = dict(artifact.load_safetensors(os.path.join(args.build, artifact.PARAMS_FILE)))
-    emb = params[EMBED]
-    params[EMBED] = np.nextafter(emb, np.inf).astype(emb.dtype)  # every value up by one ulp
-    nudged = Engine(os.path.join(args.build, artifact.LIB_FILE), params, max_seq_len=args.ctx,
+    nudged = Engine(os.path.join(args.build, artifact.LIB_FILE), ulp_nudged(params), max_seq_len=args.ctx,
                     vocab_size=cfg["model_config"]["vocab_size"])
-    tokens, ppl = run(nudged, prompt_ids, ppl_ids, args.ctx, args.tokens)
+    tokens = greedy_tokens(nudged, prompt_ids, args.tokens)
     forced, _ = teacher_forced(nudged, prompt_ids, ref_tokens)
+    ppl, choices, _ = window_choices(nudged, ppl_ids, args.ctx)
+    flips = [m for a, b, m in zip(choices, ref_choices, choice_margins) if a != b]
     result = {
         "build": args.build, "scheme": cfg["quantization"].get("scheme"), "dtype": cfg["dtype"],
         "perturbation": "embedding table, every value np.nextafter(+inf) (one ulp)",
         "ppl": ref_ppl, "ppl_nudged": ppl, "ppl_rel_diff": abs(ppl - ref_ppl) / ref_ppl,
         "tokens": ref_tokens, "tokens_nudged": tokens,
-        "free_running_equal_steps": next((i for i, (a, b) in enumerate(zip(tokens, ref_tokens)) if a != b),
-                                         args.tokens),
+        "free_running_equal_steps": first_difference(tokens, ref_tokens),
+        "choices": len(ref_choices), "choices_agree": len(ref_choices) - len(flips),
+        "choices_max_disagree_margin": max(flips, default=0.0),
         "teacher_forced_agree": sum(a == b for a, b in zip(forced, ref_tokens)),
         "teacher_forced_disagree_at": [(i, ref_margins[i]) for i, (a, b) in enumerate(zip(forced, ref_tokens))
                                        if a != b],

@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mlc_quant.compare import EMBED, first_difference, greedy_tokens, teacher_forced, ulp_nudged, window_choices  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -201,6 +203,7 @@ def test_runtime_side_imports_without_relax():
     code = (
         "import sys\n"
         "import mlc_quant, mlc_quant.runner, mlc_quant.runtime, mlc_quant.cuda_runtime, mlc_quant.artifact\n"
+        "import mlc_quant.compare\n"
         "import mlc_quant.bench\n"
         "bad = [m for m in ('mlc_quant.api', 'mlc_quant.pipeline', 'mlc_quant.passes') if m in sys.modules]\n"
         "assert not bad, bad\n"
@@ -277,16 +280,14 @@ def test_gpu_smollm2_w8a8_matches_cpu_build(variant):
               "ulp_floor_max_disagree_margin": max(floor["disagree_margins"], default=0.0), "tokens": tokens,
               "cpu_tokens": expect["tokens"], "cpu_ppl": expect["ppl"],
               "ppl_rel_diff": abs(ppl - expect["ppl"]) / expect["ppl"],
-              "free_running_equal_steps": next((i for i, (a, b) in enumerate(zip(tokens, expect["tokens"])) if a != b),
-                                               GREEDY_TOKENS),
+              "free_running_equal_steps": first_difference(tokens, expect["tokens"]),
               "teacher_forced_agree": sum(a == b for a, b in zip(forced, expect["tokens"])),
               "teacher_forced_disagree_at": [(i, margins[i] if margins else None)
                                              for i, (a, b) in enumerate(zip(forced, expect["tokens"])) if a != b]}
     f16 = expect.get("fp16")
     if f16:
         result.update({"cpu_fp16_tokens": f16["tokens"], "cpu_fp16_ppl": f16["ppl"],
-                       "cpu_fp16_vs_fp32_equal_steps": next((i for i, (a, b) in enumerate(zip(f16["tokens"], expect["tokens"]))
-                                                             if a != b), GREEDY_TOKENS)})
+                       "cpu_fp16_vs_fp32_equal_steps": first_difference(f16["tokens"], expect["tokens"])})
     out = os.environ.get("MLC_QUANT_GPU_RESULT")
     if out:
         Path(out).with_name(f"{Path(out).stem}-{variant}{Path(out).suffix}").write_text(json.dumps(result, indent=1))
@@ -308,63 +309,8 @@ def test_gpu_smollm2_w8a8_matches_cpu_build(variant):
         assert result["choices_max_disagree_margin"] <= 4 * TIE_MARGIN, result
 
 
-def teacher_forced(engine, prompt, tokens):
-    """Feed ``tokens`` (another build's greedy path) after a fresh prefill of ``prompt``; at every
-    step the engine's argmax and its top-1 minus top-2 logit (how close each choice was)."""
-    engine.reset()
-    logits = engine.prefill(prompt)[-1]
-    argmax, margins = [], []
-    for t in tokens:
-        top = np.sort(np.asarray(logits, np.float64))[::-1]
-        argmax.append(int(np.argmax(logits)))
-        margins.append(float(top[0] - top[1]))
-        logits = engine.decode(t)
-    return argmax, margins
-
-
 # =============================================================================================
 # make-gpu-bundle: the builds, and the CPU builds' expected outputs, for the GPU tests
-
-
-def greedy_tokens(engine, prompt, n: int):
-    """n greedy tokens after a fresh prefill of prompt, not stopping at eos (the comparison is of
-    the model's next-token choice at every step, not of where a chat would end)."""
-    engine.reset()
-    logits = engine.prefill(prompt)[-1]
-    out = []
-    for _ in range(n):
-        out.append(int(np.argmax(logits)))
-        logits = engine.decode(out[-1])
-    return out
-
-
-def window_choices(engine, ids, ctx: int):
-    """Perplexity over non-overlapping windows of ``ctx`` tokens (as ``Engine.perplexity``) and, at
-    every scored position, the argmax and the top-1 minus top-2 logit: the next-token choices of
-    2047 steps instead of one 32-token path, to compare builds statistically."""
-    from mlc_quant.runtime import nll  # pylint: disable=import-outside-toplevel
-
-    ids = np.asarray(ids, np.int32)
-    total, count, argmax, margins = 0.0, 0, [], []
-    for w in range(max(ids.size // ctx, 1)):
-        window = ids[w * ctx: (w + 1) * ctx]
-        engine.reset()
-        logits = np.asarray(engine.prefill(window), np.float64)[:-1]
-        total += float(nll(logits, window[1:]).sum())
-        count += window.size - 1
-        top2 = np.partition(logits, -2, axis=-1)[:, -2:]
-        argmax += np.argmax(logits, axis=-1).tolist()
-        margins += (top2[:, 1] - top2[:, 0]).tolist()
-    engine.reset()
-    return float(np.exp(total / count)), argmax, margins
-
-
-def ulp_nudged(params: dict) -> dict:
-    """The params with every embedding value one ulp up: the same build, its arithmetic moved by
-    the least possible amount (what a different reduction order does to a norm's output)."""
-    out = dict(params)
-    out[EMBED] = np.nextafter(params[EMBED], np.inf).astype(params[EMBED].dtype)
-    return out
 
 
 def _needed_rows(*id_lists) -> np.ndarray:
@@ -514,7 +460,6 @@ def make_smollm2(out: Path, cpu_build: Path, cuda_builds: Sequence[Path], ctx: i
     tmp.unlink()
 
 
-EMBED = "model_embed_tokens_weight"
 
 
 def cast_params(params: dict, dtype: str) -> dict:
