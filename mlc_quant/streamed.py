@@ -190,12 +190,14 @@ def float_model_bytes(config) -> int:
 
 
 def block_float_bytes(config) -> int:
-    """Bytes of the largest streamed unit's float32 weights: a decoder block, or the embedding/head."""
+    """Bytes of the largest streamed unit's float32 weights: a decoder block, the embedding, or the
+    final norm + LM head."""
     from mlc_quant.model.llama import param_shapes  # pylint: disable=import-outside-toplevel
 
     per = {}
     for n, s in param_shapes(config).items():
-        key = layer_of(n)
+        li = layer_of(n)
+        key = li if li is not None else ("head" if n in (FINAL_NORM, HEAD) else "embed")
         per[key] = per.get(key, 0) + int(np.prod(s, dtype=np.int64)) * 4
     return max(per.values())
 
@@ -450,10 +452,13 @@ def _compiled_block(stats_mod: IRModule, config, scheme: QuantScheme, cache_dir=
 
     from mlc_quant.cpu_schedule import host_target  # pylint: disable=import-outside-toplevel
 
-    key = {k: v for k, v in config.to_dict().items() if k != "num_hidden_layers"}
-    key.update(kinds=list(scheme.stat_kinds), tvm=tvm.__version__, target=str(host_target()),
-               mlc_quant=__import__("mlc_quant").__version__, source=pathlib.Path(__file__).stat().st_mtime)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    from mlc_quant import cpu_schedule  # pylint: disable=import-outside-toplevel
+
+    # the module's text (shapes, stat kinds, KV cache kernels) and what compiles it
+    key = {"ir": hashlib.sha256(stats_mod.script().encode()).hexdigest(), "tvm": tvm.__version__,
+           "target": str(host_target()), "kinds": list(scheme.stat_kinds),
+           "schedule": hashlib.sha256(pathlib.Path(cpu_schedule.__file__).read_bytes()).hexdigest()}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     lib = pathlib.Path(cache_dir) / f"stream-block-{digest}.so"
     if lib.is_file():
         log.info("one-block calibration module from %s", lib)
