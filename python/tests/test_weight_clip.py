@@ -149,3 +149,37 @@ def test_build_option_errors():
         _rtn_quantizer(get_scheme("q0f32"), "mse", "rtn")
     with pytest.raises(ValueError, match="rounding rtn"):
         _rtn_quantizer(get_scheme("smq_q8i8f16_3"), "mse", "autoround")
+
+
+def test_build_flag_on_a_rotated_tiny_llama(tiny_llama_dir, tmp_path, capsys):
+    """--weight-clip mse through the CLI on a rotated model: recorded in the config, perplexity near
+    the float build's; bad values are clear errors."""
+    import json
+    import shutil
+
+    from test_build import byte_tokenizer
+
+    from mlc_quant import artifact
+    from mlc_quant.cli import main as cli
+
+    model = tmp_path / "tiny"
+    shutil.copytree(tiny_llama_dir, model)
+    byte_tokenizer(256).save_pretrained(model)
+    ppl = {}
+    for scheme, clip in [("q0f32", "absmax"), ("smq_q8i8f16_3", "mse")]:
+        out = tmp_path / f"{scheme}-{clip}"
+        args = ["build", "--model", str(model), "--quantization", scheme, "--max-seq-len", "128", "--no-smooth",
+                "--rotation", "r1r2r4", "--output", str(out), "--calib-seq-len", "32"]
+        assert cli(args + (["--weight-clip", clip] if clip != "absmax" else [])) == 0
+        cfg = json.loads((out / artifact.CONFIG_FILE).read_text())
+        assert cfg["quantization"].get("weight_clip", "absmax") == clip
+        capsys.readouterr()
+        assert cli(["ppl", str(out), "--text", "britannica", "--ctx", "64", "--max-windows", "2"]) == 0
+        ppl[scheme] = float(capsys.readouterr().out.strip().splitlines()[-1].split("perplexity:")[1])
+    assert abs(ppl["smq_q8i8f16_3"] / ppl["q0f32"] - 1) < 0.05
+    with pytest.raises(SystemExit):  # argparse choices
+        cli(["build", "--model", str(model), "--weight-clip", "p99", "--output", str(tmp_path / "x")])
+    capsys.readouterr()
+    assert cli(["build", "--model", str(model), "--quantization", "q4f16_rtn", "--weight-clip", "mse",
+                "--output", str(tmp_path / "y")]) == 2
+    assert "W8A8/W4A8/W4A4" in capsys.readouterr().err and not (tmp_path / "y").exists()
