@@ -201,7 +201,9 @@ def build_model(opts: BuildOptions, on_quantized: Optional[Callable] = None,
     if opts.max_seq_len > config.max_position_embeddings:
         raise ValueError(f"--max-seq-len={opts.max_seq_len} exceeds the model's maximum "
                          f"{config.max_position_embeddings} (max_position_embeddings)")
-    if opts.max_seq_len < 1 or opts.calib_seq_len > config.max_position_embeddings:
+    if opts.max_seq_len < 1:
+        raise ValueError(f"--max-seq-len must be at least 1, got {opts.max_seq_len}")
+    if scheme.act != "none" and opts.calib_seq_len > config.max_position_embeddings:  # q0f32/W4: no calibration
         raise ValueError(f"--calib-seq-len={opts.calib_seq_len} must be at most the model's "
                          f"{config.max_position_embeddings}")
     alpha_spec = alpha_search.resolve_alpha(opts.alpha, capture=lambda *a: None)  # bad --alpha fails early

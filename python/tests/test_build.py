@@ -168,7 +168,7 @@ def test_keep_float_lm_head(tiny_model, built, tmp_path, capsys):
     assert isinstance(res.mod, tvm.IRModule)
 
 
-@pytest.mark.parametrize("case", ["exists", "dataset", "seq", "arch", "tokenizer", "config", "scheme"])
+@pytest.mark.parametrize("case", ["exists", "dataset", "seq", "calib_seq", "arch", "tokenizer", "config", "scheme"])
 def test_build_errors_are_clear_and_leave_nothing(case, tiny_model, tmp_path, capsys):
     model = tiny_model
     out = tmp_path / "out"
@@ -178,6 +178,7 @@ def test_build_errors_are_clear_and_leave_nothing(case, tiny_model, tmp_path, ca
         "exists": "exists; pass --overwrite",
         "dataset": "does not exist",
         "seq": "exceeds the model's maximum",
+        "calib_seq": "--calib-seq-len=1000 must be at most the model's 256",
         "arch": "supported",
         "tokenizer": "no tokenizer",
         "config": "config.json",
@@ -190,6 +191,8 @@ def test_build_errors_are_clear_and_leave_nothing(case, tiny_model, tmp_path, ca
         extra = ["--dataset", str(tmp_path / "missing.txt")]
     elif case == "seq":
         extra = ["--max-seq-len", "100000"]
+    elif case == "calib_seq":
+        extra = ["--calib-seq-len", "1000"]  # build() passes 32 first: the last one wins
     elif case in ("arch", "tokenizer", "config"):
         model = str(tmp_path / "model")
         shutil.copytree(tiny_model, model)
