@@ -26,7 +26,7 @@ from mlc_quant.runtime import Engine
 
 from conftest import make_hf_model, save_hf_model
 
-SCHEMES = ["smq_q8i8f16_0", "smq_q8i8f16_1", "smq_q8i8f16_2", "smq_q8i8f16_3"]
+SCHEMES = ["smq_q8i8f16_0", "smq_q8i8f16_1", "smq_q8i8f16_2", "smq_q8i8f16_3", "q4f16_rtn"]
 SEQ = 32
 RTOL = 1e-6  # float32 rounding (prefill on both sides)
 FLIP_FRACTION = 1e-3  # int8 entries allowed to differ (by one) where a 1-ulp scale moves a rounding
