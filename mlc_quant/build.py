@@ -172,6 +172,29 @@ def _deploy_dtype(dtype: str, target) -> str:
     return dtype
 
 
+def config_record(opts: BuildOptions, config, summary: dict, stats, target, deploy_dtype: str, param_order,
+                  merges, calib_s: float, compile_s: float, t_start: float, *, calibration: Optional[dict] = None,
+                  build: Optional[dict] = None) -> dict:
+    """The artifact's mlc-quant-config.json (whole-model and streamed builds alike)."""
+    summary = dict(summary)
+    summary.pop("activation_scales", None)  # kept in the IR constants; too long for the config
+    return {
+        "mlc_quant_version": __import__("mlc_quant").__version__,
+        "model": opts.model,
+        "model_config": config.to_dict(),
+        "quantization": summary,
+        "calibration": {"dataset": opts.dataset, "samples": opts.calib_samples, "seq_len": opts.calib_seq_len,
+                        "seed": opts.seed, "stats_bytes": stats.nbytes() if stats is not None else 0,
+                        **(calibration or {})},
+        "target": str(target.kind.name), "target_spec": opts.target, "dtype": deploy_dtype,
+        "max_seq_len": opts.max_seq_len,
+        "params": list(param_order),
+        "merged_linears": [m.to_dict() for m in merges],
+        "build": {"calibrate_s": round(calib_s, 1), "compile_s": round(compile_s, 1),
+                  "total_s": round(time.time() - t_start, 1), "peak_rss_mb": round(_peak_rss_mb()), **(build or {})},
+    }
+
+
 def build_model(opts: BuildOptions, on_quantized: Optional[Callable] = None,
                 capture: Optional[Callable] = None) -> str:
     """Build ``opts.model`` with ``opts.quantization`` into ``opts.output``; returns the path.
@@ -284,26 +307,9 @@ def build_model(opts: BuildOptions, on_quantized: Optional[Callable] = None,
             artifact.save_safetensors(tmp / artifact.PARAMS_FILE, {k: qparams[k] for k in param_order},
                                       metadata={"format": "mlc-quant", "scheme": scheme.name})
         save_tokenizer(tokenizer, tmp)
-        summary = dict(result.summary)
-        summary.pop("activation_scales", None)  # kept in the IR constants; too long for the config
-        summary["rotation"] = rot_summary
-        cfg = {
-            "mlc_quant_version": __import__("mlc_quant").__version__,
-            "model": opts.model,
-            "model_config": config.to_dict(),
-            "quantization": summary,
-            "calibration": {
-                "dataset": opts.dataset, "samples": opts.calib_samples, "seq_len": opts.calib_seq_len,
-                "decode_steps": opts.calib_decode_steps, "seed": opts.seed,
-                "stats_bytes": result.stats.nbytes() if result.stats is not None else 0,
-            },
-            "target": str(target.kind.name), "target_spec": opts.target, "dtype": deploy_dtype,
-            "max_seq_len": opts.max_seq_len,
-            "params": param_order,
-            "merged_linears": [m.to_dict() for m in merges],
-            "build": {"calibrate_s": round(calib_s, 1), "compile_s": round(compile_s, 1),
-                      "total_s": round(time.time() - t_start, 1), "peak_rss_mb": round(_peak_rss_mb())},
-        }
+        summary = dict(result.summary, rotation=rot_summary)
+        cfg = config_record(opts, config, summary, result.stats, target, deploy_dtype, param_order, merges,
+                            calib_s, compile_s, t_start, calibration={"decode_steps": opts.calib_decode_steps})
         if tp_record is not None:
             cfg["tensor_parallel"] = tp_record
         (tmp / artifact.CONFIG_FILE).write_text(json.dumps(cfg, indent=2))

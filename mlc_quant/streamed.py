@@ -576,7 +576,7 @@ def build_streamed(opts, path: str, config, scheme: QuantScheme, target, alpha, 
     (the caller checked the options; see :func:`unsupported`)."""
     import json  # pylint: disable=import-outside-toplevel
 
-    from mlc_quant.build import _deploy_dtype, resolve_keep_float  # pylint: disable=import-outside-toplevel
+    from mlc_quant.build import _deploy_dtype, config_record, resolve_keep_float  # pylint: disable=import-outside-toplevel
     from mlc_quant.datasets import calibration_samples  # pylint: disable=import-outside-toplevel
     from mlc_quant.model.llama import param_shapes  # pylint: disable=import-outside-toplevel
     from mlc_quant.model.tokenizer import load_tokenizer, save_tokenizer  # pylint: disable=import-outside-toplevel
@@ -605,30 +605,13 @@ def build_streamed(opts, path: str, config, scheme: QuantScheme, target, alpha, 
         compile_s = time.time() - t0
         pipeline.export_library(exe, str(tmp / artifact.LIB_FILE), target)
         save_tokenizer(tokenizer, tmp)
-        summary = dict(result.summary)
-        summary.pop("activation_scales", None)  # kept in the IR constants; too long for the config
-        summary["weight_rounding"] = "rtn"
-        summary["rotation"] = {"mode": "none"}
-        cfg = {
-            "mlc_quant_version": __import__("mlc_quant").__version__,
-            "model": opts.model,
-            "model_config": config.to_dict(),
-            "quantization": summary,
-            "calibration": {
-                "mode": "streamed", "dataset": opts.dataset, "samples": opts.calib_samples,
-                "seq_len": opts.calib_seq_len, "decode_steps": 0, "seed": opts.seed,
-                "note": "prefill of every sample's full sequence: covers the rows decode steps would compute",
-                "stats_bytes": result.stats.nbytes() if result.stats is not None else 0,
-            },
-            "target": str(target.kind.name), "target_spec": opts.target, "dtype": deploy_dtype,
-            "max_seq_len": opts.max_seq_len,
-            "params": param_order,
-            "merged_linears": [m.to_dict() for m in merges],
-            "build": {"calibrate_s": round(calib_s, 1), "compile_s": round(compile_s, 1),
-                      "total_s": round(time.time() - t_start, 1), "peak_rss_mb": round(_peak_rss_mb()),
-                      "stream_peak_rss_mb": round(result.peak_rss_mb),
-                      "float_model_mb": round(float_model_bytes(config) / 2**20)},
-        }
+        summary = dict(result.summary, weight_rounding="rtn", rotation={"mode": "none"})
+        cfg = config_record(
+            opts, config, summary, result.stats, target, deploy_dtype, param_order, merges, calib_s, compile_s,
+            t_start, calibration={"mode": "streamed", "decode_steps": 0,
+                                  "note": "prefill of every sample's full sequence: covers the rows decode steps would compute"},
+            build={"stream_peak_rss_mb": round(result.peak_rss_mb),
+                   "float_model_mb": round(float_model_bytes(config) / 2**20)})
         (tmp / artifact.CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
         log.info("built %s (streamed) in %.0f s (peak RSS %.0f MB)", opts.output, time.time() - t_start,
                  _peak_rss_mb())

@@ -29,27 +29,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_cuda_build import _full_tvm, _nvcc  # noqa: F401  (the same probes)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 TOL = 1e-5
 GREEDY = 24
-
-
-def _full_tvm() -> bool:
-    try:
-        import tvm.relax  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-    except Exception:  # pylint: disable=broad-except
-        return False
-    return True
-
-
-def _nvcc() -> bool:
-    if not _full_tvm():
-        return False
-    from mlc_quant.kernels import find_nvcc  # pylint: disable=import-outside-toplevel
-
-    return find_nvcc() is not None
 
 
 def _gpu_count() -> int:
