@@ -119,6 +119,17 @@ def make_rtn_weights(clip: str = "absmax") -> WeightQuantizer:
     return clipped_weights
 
 
+def record_inv_scales(groups, factors: Mapping, inv_scale: Dict[str, np.ndarray], plan: "IRPlan") -> None:
+    """1/s of every smoothed linear (its quantizer sees the smoothed input); groups with no fold
+    target get the explicit multiply the plan replays on the deploy export."""
+    for g in groups:
+        if g.linears in factors:
+            for n in g.linears:
+                inv_scale[n] = 1.0 / factors[g.linears]
+                if g.fold == "none":
+                    plan.explicit_inv_scales[n] = inv_scale[n]
+
+
 def quantize_module(mod: IRModule, params: Mapping[str, np.ndarray], scheme: str | QuantScheme,
                     calibrate: Calibrator, alpha: Alpha = 0.5, smooth: bool = True,
                     func_names: Optional[Sequence[str]] = None,
@@ -170,12 +181,7 @@ def quantize_module(mod: IRModule, params: Mapping[str, np.ndarray], scheme: str
                                        for g in groups if g.fold != "skip" and group_key(g.linears) in alpha}
         factors = plan_smoothing(groups, observer.as_dict(), params, layouts, alpha)
         params = smooth_params(dict(params), groups, factors, layouts)
-        for g in groups:
-            if g.linears in factors:
-                for n in g.linears:
-                    inv_scale[n] = 1.0 / factors[g.linears]
-                    if g.fold == "none":
-                        plan.explicit_inv_scales[n] = inv_scale[n]
+        record_inv_scales(groups, factors, inv_scale, plan)
         summary["smoothing_groups"] = {fold: sum(g.fold == fold for g in groups)
                                        for fold in ("norm", "linear", "none", "skip")}
 

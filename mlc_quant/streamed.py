@@ -352,12 +352,7 @@ def quantize_streamed(model: str, scheme, samples: Iterable[np.ndarray], work_di
             stats = {n: observer.stats(n) for g in ugroups if g.fold != "skip" for n in g.linears}
             factors = plan_smoothing(ugroups, stats, params, layouts, alpha)
             params = smooth_params(params, ugroups, factors, layouts)
-            for g in ugroups:
-                if g.linears in factors:
-                    for n in g.linears:
-                        inv_scale[n] = 1.0 / factors[g.linears]
-                        if g.fold == "none":
-                            plan.explicit_inv_scales[n] = inv_scale[n]
+            pipeline.record_inv_scales(ugroups, factors, inv_scale, plan)
         out = dict(params)
         if quantizes and unit_sites:
             if scheme.static_activations:
