@@ -28,7 +28,7 @@ import pathlib
 import statistics
 import time
 import zlib
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -274,6 +274,16 @@ def _median_time(fn, sync, warmup: int, repeat: int, setup=None) -> float:
     return statistics.median(times)
 
 
+def _decode_result(decode_run: Callable[[], float], warmup: int, repeat: int, decode_tokens: int) -> dict:
+    """Median of ``decode_run`` (seconds for ``decode_tokens`` steps) after ``warmup`` runs, as the
+    report's ``decode`` entry (every engine measured here, ours and transformers, the same way)."""
+    for _ in range(warmup):
+        decode_run()
+    t = statistics.median([decode_run() for _ in range(max(repeat // 2, 2))])
+    return {"batch": 1, "steps": decode_tokens, "ms_per_token": round(t / decode_tokens * 1e3, 3),
+            "tokens_per_s": round(decode_tokens / t, 1)}
+
+
 class OpProfile:
     """Per-op device time through the VM instrument hook (synchronize around every call)."""
 
@@ -376,12 +386,7 @@ def run_ours(lib_dir, lengths=PREFILL_LENGTHS, decode_tokens: int = 64, warmup: 
         dev.sync()
         return time.perf_counter() - t_start
 
-    for _ in range(warmup):
-        decode_run()
-    times = [decode_run() for _ in range(max(repeat // 2, 2))]
-    t = statistics.median(times)
-    res["decode"] = {"batch": 1, "steps": decode_tokens, "ms_per_token": round(t / decode_tokens * 1e3, 3),
-                     "tokens_per_s": round(decode_tokens / t, 1)}
+    res["decode"] = _decode_result(decode_run, warmup, repeat, decode_tokens)
     free1, _ = cuda.mem_info() if cuda else (None, None)
     if free0 is not None and free1 is not None:
         # TVM pools device memory and does not return it, so what is in use now is its peak.
@@ -472,11 +477,7 @@ def run_tp(lib_dir, lengths=PREFILL_LENGTHS, decode_tokens: int = 64, warmup: in
             engine.sync()
             return time.perf_counter() - t_start
 
-        for _ in range(warmup):
-            decode_run()
-        t = statistics.median([decode_run() for _ in range(max(repeat // 2, 2))])
-        res["decode"] = {"batch": 1, "steps": decode_tokens, "ms_per_token": round(t / decode_tokens * 1e3, 3),
-                         "tokens_per_s": round(decode_tokens / t, 1)}
+        res["decode"] = _decode_result(decode_run, warmup, repeat, decode_tokens)
         free1, _ = cuda.mem_info()  # device 0 (TVM pools memory: in use now is its peak)
         if free0 is not None and free1 is not None:
             res["peak_device_bytes_gpu0"] = int(free0 - free1)
@@ -552,11 +553,7 @@ def run_transformers(config: Dict, lengths=PREFILL_LENGTHS, decode_tokens: int =
                 sync()
                 return time.perf_counter() - t_start
 
-            for _ in range(warmup):
-                decode_run()
-            t = statistics.median([decode_run() for _ in range(max(repeat // 2, 2))])
-            res["decode"] = {"batch": 1, "steps": decode_tokens, "ms_per_token": round(t / decode_tokens * 1e3, 3),
-                             "tokens_per_s": round(decode_tokens / t, 1)}
+            res["decode"] = _decode_result(decode_run, warmup, repeat, decode_tokens)
     res["peak_device_bytes"] = int(torch.cuda.max_memory_allocated())
     del model, fwd
     gc.collect()
