@@ -310,6 +310,45 @@ class OpProfile:
         return [{"op": k, "ms": round(v * 1e3, 3), "calls": self.count[k], "share": round(v / s, 3)} for k, v in rows]
 
 
+def kernel_kind(name: str) -> str:
+    """One row per kernel family: TVM's per-layer copies share a name up to a numeric suffix; the
+    C++ template kernels (CUTLASS, cuBLAS, ours) are named by their function up to the template
+    arguments."""
+    import re  # pylint: disable=import-outside-toplevel
+
+    name = re.sub(r"^void ", "", name)
+    name = name.split("<", 1)[0].split("(", 1)[0]
+    return re.sub(r"\d+(_kernel)?$", r"\1", name)[:120]
+
+
+def kernel_profile(fn, torch, top: int = 25) -> Dict:
+    """Device time per kernel of one call of ``fn`` (CUPTI through torch.profiler: it records every
+    kernel of the process, TVM's and the external ones, and nothing is synchronized between
+    calls, so the sum is what the GPU spent, unlike the VM instrument profile)."""
+    from torch.autograd import DeviceType  # pylint: disable=import-outside-toplevel
+    from torch.profiler import ProfilerActivity, profile  # pylint: disable=import-outside-toplevel
+
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    total: Dict[str, float] = {}
+    count: Dict[str, int] = {}
+    for e in prof.events():
+        if getattr(e, "device_type", None) != DeviceType.CUDA:
+            continue
+        key = kernel_kind(e.name)
+        total[key] = total.get(key, 0.0) + e.time_range.elapsed_us()
+        count[key] = count.get(key, 0) + 1
+    s = sum(total.values())
+    rows = sorted(total.items(), key=lambda kv: -kv[1])[:top]
+    return {"wall_ms": round(wall * 1e3, 3), "kernel_ms": round(s / 1e3, 3), "kernels": sum(count.values()),
+            "top": [{"kernel": k, "ms": round(v / 1e3, 3), "calls": count[k], "share": round(v / (s or 1.0), 3)}
+                    for k, v in rows]}
+
+
 def _op_kind(name: str) -> str:
     """Group per-layer instances of one op: strip numeric suffixes (fused_..._add3 -> fused_..._add)."""
     import re  # pylint: disable=import-outside-toplevel
@@ -412,6 +451,22 @@ def run_ours(lib_dir, lengths=PREFILL_LENGTHS, decode_tokens: int = 64, warmup: 
             step("decode", tok, 1)
         dev.sync()
         res["profile"]["decode_8_steps"] = prof2.table()
+        vm.set_instrument(lambda *args: 0)
+    if profile and torch is not None:
+        # Kernel-level device time (no synchronization inside): what holds each number back.
+        res["kernel_profile"] = {}
+        for n in lengths:
+            ids = tvm.runtime.tensor(rng.integers(0, vocab, (1, n)).astype(np.int32), dev)
+            engine.reset()
+            res["kernel_profile"][f"prefill_{n}"] = kernel_profile(lambda ids=ids, n=n: step("prefill", ids, n), torch)
+        engine.reset()
+        step("prefill", prompt, DECODE_PROMPT)
+
+        def decode_8():
+            for _ in range(8):
+                step("decode", tok, 1)
+
+        res["kernel_profile"]["decode_8_steps"] = kernel_profile(decode_8, torch)
     del engine, weights, keep
     gc.collect()
     if torch is not None:
