@@ -130,11 +130,7 @@ def build_one(config, scheme_name: str, out_dir, target: str = "cuda", seed: int
         qmod = synthetic_plan(mod, names, scheme, seed).apply(mod) if scheme.quantizes else mod
     merges = []
     if cuda if merge_linears is None else merge_linears:  # q/k/v and gate/up as one linear each
-        from mlc_quant.passes.merge_sibling_linears import MergeSiblingLinears  # pylint: disable=import-outside-toplevel
-
-        merger = MergeSiblingLinears(scheme)
-        qmod = merger(qmod)
-        merges = merger.merges
+        qmod, _, merges = pipeline.merge_linears(qmod, {}, scheme)
     params = [(p.name, [int(d) for d in p.ty.shape.values], str(p.ty.dtype)) for p in qmod["prefill"].params[2:]]
     t1 = time.time()
     if cuda:

@@ -200,12 +200,15 @@ def quantize_module(mod: IRModule, params: Mapping[str, np.ndarray], scheme: str
 
 def merge_linears(mod: IRModule, params: Mapping[str, np.ndarray], scheme=None):
     """Merge the linears that read the same x (q/k/v, gate/up) into one wide linear each
-    (``passes/merge_sibling_linears.py``); returns (module, its params, the merges)."""
+    (``passes/merge_sibling_linears.py``), then fold the split -> reshape -> concat round trip
+    of the merged q/k/v back into a view (``passes/fold_split_concat.py``); returns (module, its
+    params, the merges)."""
+    from mlc_quant.passes.fold_split_concat import FoldSplitConcat
     from mlc_quant.passes.merge_sibling_linears import MergeSiblingLinears, merge_params
 
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
     merger = MergeSiblingLinears(scheme)
-    mod = merger(mod)
+    mod = FoldSplitConcat()(merger(mod))
     return mod, merge_params(params, merger.merges), merger.merges
 
 
