@@ -247,6 +247,10 @@ def _units() -> List[_Unit]:
         _Unit("mlcq_gemv", KERNEL_DIR / "gemv.cu", base + GENERIC_GENCODE),
         # Tensor-core ragged prefill attention (mma.sync: sm_80+), see attention.cu.
         _Unit("mlcq_attention", KERNEL_DIR / "attention.cu", base + GENERIC_GENCODE, ("ffi",)),
+        # RMSNorm (+ residual add) and SiLU-gated multiply, 16-byte vectorized, see norm_act.cu.
+        _Unit("mlcq_norm_act", KERNEL_DIR / "norm_act.cu", base + GENERIC_GENCODE, ("ffi",)),
+        # Split of the fused q/k/v with RoPE (the KV cache's f_split_rotary), see rope.cu.
+        _Unit("mlcq_rope", KERNEL_DIR / "rope.cu", base + GENERIC_GENCODE, ("ffi",)),
     ]
     for cfg in CUTLASS_CONFIGS:
         units.append(
