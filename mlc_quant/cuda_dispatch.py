@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -661,7 +662,7 @@ def schedule_row_absmax(mod: tvm.IRModule) -> tvm.IRModule:
 
 
 def dispatch_gemms(mod: tvm.IRModule, *, strict: bool = False, attach_kernels: bool = True,
-                   kernel_dir: Optional[str] = None) -> tvm.IRModule:
+                   kernel_dir: Optional[str] = None, norm_act: Optional[bool] = None) -> tvm.IRModule:
     """Offload every linear of ``mod`` (high-level Relax, before legalization) to the kernels.
 
     Returns the module with the linears replaced by ``call_dps_packed`` into the generated
@@ -671,8 +672,19 @@ def dispatch_gemms(mod: tvm.IRModule, *, strict: bool = False, attach_kernels: b
     ``strict=True`` raises if a ``relax.matmul`` is left for TVM to compile (otherwise it is
     logged: TVM's own CUDA GEMMs are an order of magnitude slower than these kernels).
     ``attach_kernels=False`` leaves the kernel objects out (attach :func:`kernel_modules` yourself).
+    ``norm_act`` (default: on unless ``MLC_QUANT_NORM_ACT=tvm``): float16 RMSNorm (+ residual add)
+    and SiLU * up go to mlc_quant/kernels/norm_act.cu too (passes/offload_norm_act.py).
     """
+    from mlc_quant.passes.offload_norm_act import OffloadNormAct, uses_norm_act  # pylint: disable=import-outside-toplevel
+
     mod = relax.transform.ConvertToDataflow()(mod)
+    if norm_act is None:
+        env = os.environ.get("MLC_QUANT_NORM_ACT", "kernels").lower()
+        if env not in ("kernels", "tvm"):
+            raise ValueError(f"MLC_QUANT_NORM_ACT={env!r}: expected 'kernels' (default) or 'tvm'")
+        norm_act = env == "kernels"
+    if norm_act:
+        mod = OffloadNormAct()(mod)
     mod = relax.transform.FuseOpsByPattern(fusion_patterns(), bind_constants=False, annotate_codegen=True)(mod)
     for note in _slow_path_shapes(mod):
         logger.warning("mlc_quant: %s runs on the cuBLASLt/CUDA-core fallback, not the fused CUTLASS kernel", note)
@@ -685,7 +697,7 @@ def dispatch_gemms(mod: tvm.IRModule, *, strict: bool = False, attach_kernels: b
 
     # The KV cache's flash prefill attention (an ExternFunc looked up in the library) lives in the
     # same kernel objects.
-    if attach_kernels and (n_offloaded or uses_flash_prefill(mod)):
+    if attach_kernels and (n_offloaded or uses_flash_prefill(mod) or uses_norm_act(mod)):
         ext = list(mod.attrs["external_mods"]) if mod.attrs and "external_mods" in mod.attrs else []
         mod = mod.with_attr("external_mods", ext + kernel_modules(kernel_dir))
     left = _leftover_matmuls(mod)
