@@ -1,0 +1,239 @@
+// SPDX-License-Identifier: Apache-2.0
+// Split of the fused q/k/v with RoPE, the function TIRPagedKVCache's runtime calls in
+// AttentionWithFusedQKV (TVM's TIR `fused_rope`, tvm/relax/frontend/nn/llm/position_embedding.py
+// ::llama_rope_with_position_map, default rope_scaling, rotary_dim == head_dim):
+//
+//   f(qkv [S, Hq + 2 Hkv, D] f16, position_map [S] i32, q [S, Hq, D], k [S, Hkv, D], v [S, Hkv, D],
+//     apply_rope)
+//
+// The runtime calls it with exactly these six arguments, so theta and scale (baked into the TIR
+// function) live in a closure: `mlcq_rope_make(theta, scale, Hq, Hkv, D)` returns the function
+// (mlc_quant/model/fast_rope.py puts that call in the KV cache's create call). `mlcq_rope(...,
+// apply_rope, theta, scale)` is the same kernel with theta/scale as arguments (tests, benchmarks).
+//
+// Semantics, with the TIR kernel's fp32 math (p = position_map[s], j < D/2):
+//   freq_j = (float(p) * scale) / powf(theta, float(2 j) / float(D))
+//   q/k[s, h, j]       = half(cosf(freq_j) * x[s, h, j] + sinf(freq_j) * -x[s, h, j + D/2])
+//   q/k[s, h, j + D/2] = half(cosf(freq_j) * x[s, h, j + D/2] + sinf(freq_j) * x[s, h, j])
+//   v[s, h] = qkv[s, Hq + Hkv + h];  apply_rope == 0: q and k are plain copies.
+//
+// Vector path (all pointers 16-byte aligned, D = 64 or 128): one CTA per token; a thread owns
+// the 8 frequencies of one 16-byte chunk of the first half (computed once per token) and walks the
+// q and k heads, loading the chunk and its partner in the second half (16-byte loads/stores); v is
+// copied in 16-byte chunks. Otherwise (misaligned views, other D): one thread per element pair.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/c_env_api.h>
+#include <tvm/ffi/function.h>
+
+#include <cstdint>
+
+namespace mlcq_rope {
+namespace {
+
+struct Params {
+  const half* qkv;
+  const int32_t* pos;
+  half* q;
+  half* k;
+  half* v;
+  int64_t seq_len;
+  int hq, hkv, d;
+  float theta, scale;
+  int apply;
+};
+
+// The TIR kernel's frequency: `(p * scale) / pow(theta, (2 j % D) / D)` in fp32, j < D/2.
+__device__ __forceinline__ float Freq(int32_t p, int j, int d, float theta, float scale) {
+  const float e = static_cast<float>((j * 2) % d) / static_cast<float>(d);
+  return (static_cast<float>(p) * scale) / powf(theta, e);
+}
+
+// Written as the TIR kernel's expression: cos * x + sin * y, rounded once to half.
+__device__ __forceinline__ half Rot(float c, float s, half x, half y) {
+  return __float2half_rn((c * __half2float(x)) + (s * __half2float(y)));
+}
+
+constexpr int kThreads = 256;
+
+template <int D>
+__global__ void __launch_bounds__(kThreads) RopeVecKernel(Params p) {
+  constexpr int kHalfD = D / 2;
+  constexpr int kChunks = kHalfD / 8;  // 16-byte chunks of one half of a head
+  static_assert(kThreads % kChunks == 0, "chunks per half-head must divide the CTA");
+  constexpr int kHeadStep = kThreads / kChunks;
+  const int heads = p.hq + 2 * p.hkv;
+  const int c = threadIdx.x % kChunks;
+  const int h0 = threadIdx.x / kChunks;
+  for (int64_t s = blockIdx.x; s < p.seq_len; s += gridDim.x) {
+    const half* row = p.qkv + s * heads * D;
+    float cs[8], sn[8];
+    if (p.apply) {
+      const int32_t pos = p.pos[s];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float f = Freq(pos, c * 8 + i, D, p.theta, p.scale);
+        cs[i] = cosf(f);
+        sn[i] = sinf(f);
+      }
+    }
+    for (int h = h0; h < p.hq + p.hkv; h += kHeadStep) {
+      const uint4 lo = *reinterpret_cast<const uint4*>(row + h * D + c * 8);
+      const uint4 hi = *reinterpret_cast<const uint4*>(row + h * D + kHalfD + c * 8);
+      uint4 olo = lo, ohi = hi;
+      if (p.apply) {
+        const half* xl = reinterpret_cast<const half*>(&lo);
+        const half* xh = reinterpret_cast<const half*>(&hi);
+        half* yl = reinterpret_cast<half*>(&olo);
+        half* yh = reinterpret_cast<half*>(&ohi);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          yl[i] = Rot(cs[i], sn[i], xl[i], __hneg(xh[i]));
+          yh[i] = Rot(cs[i], sn[i], xh[i], xl[i]);
+        }
+      }
+      half* dst = h < p.hq ? p.q + (s * p.hq + h) * D : p.k + (s * p.hkv + (h - p.hq)) * D;
+      *reinterpret_cast<uint4*>(dst + c * 8) = olo;
+      *reinterpret_cast<uint4*>(dst + kHalfD + c * 8) = ohi;
+    }
+    const uint4* vsrc = reinterpret_cast<const uint4*>(row + (p.hq + p.hkv) * D);
+    uint4* vdst = reinterpret_cast<uint4*>(p.v + s * p.hkv * D);
+    for (int i = threadIdx.x; i < p.hkv * (D / 8); i += kThreads) vdst[i] = vsrc[i];
+  }
+}
+
+// Any alignment, any even D: one thread per (token, head, j < D/2) pair.
+__global__ void RopeScalarKernel(Params p) {
+  const int heads = p.hq + 2 * p.hkv;
+  const int half_d = p.d / 2;
+  const int64_t total = p.seq_len * heads * half_d;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int j = static_cast<int>(i % half_d);
+    const int h = static_cast<int>((i / half_d) % heads);
+    const int64_t s = i / (static_cast<int64_t>(half_d) * heads);
+    const half* x = p.qkv + (s * heads + h) * p.d;
+    half* dst;
+    if (h < p.hq) {
+      dst = p.q + (s * p.hq + h) * p.d;
+    } else if (h < p.hq + p.hkv) {
+      dst = p.k + (s * p.hkv + (h - p.hq)) * p.d;
+    } else {
+      dst = p.v + (s * p.hkv + (h - p.hq - p.hkv)) * p.d;
+      dst[j] = x[j];
+      dst[j + half_d] = x[j + half_d];
+      continue;
+    }
+    if (p.apply) {
+      const float f = Freq(p.pos[s], j, p.d, p.theta, p.scale);
+      const float c = cosf(f), sn = sinf(f);
+      dst[j] = Rot(c, sn, x[j], __hneg(x[j + half_d]));
+      dst[j + half_d] = Rot(c, sn, x[j + half_d], x[j]);
+    } else {
+      dst[j] = x[j];
+      dst[j + half_d] = x[j + half_d];
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// tvm-ffi entry points
+
+using tvm::ffi::TensorView;
+
+template <typename T>
+T* Ptr(const TensorView& t) {
+  return reinterpret_cast<T*>(static_cast<char*>(t.data_ptr()) + t.byte_offset());
+}
+
+void CheckHalf3(const TensorView& t, const char* what, int64_t s, int64_t h, int64_t d) {
+  if (t.ndim() != 3 || t.dtype().code != kDLFloat || t.dtype().bits != 16 || t.dtype().lanes != 1) {
+    TVM_FFI_THROW(ValueError) << "mlcq_rope: " << what << " must be a 3-d float16 tensor";
+  }
+  if (t.shape()[0] != s || t.shape()[1] != h || t.shape()[2] != d || !t.IsContiguous()) {
+    TVM_FFI_THROW(ValueError) << "mlcq_rope: " << what << " must be a contiguous [" << s << ", " << h << ", " << d
+                              << "] tensor, got [" << t.shape()[0] << ", " << t.shape()[1] << ", "
+                              << t.shape()[2] << "]";
+  }
+  if (t.device().device_type != kDLCUDA) {
+    TVM_FFI_THROW(ValueError) << "mlcq_rope: " << what << " must be on a CUDA device";
+  }
+}
+
+bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+void Rope(TensorView qkv, TensorView position_map, TensorView q, TensorView k, TensorView v, int64_t apply_rope,
+          double theta, double scale, int64_t hq, int64_t hkv, int64_t d) {
+  if (qkv.ndim() != 3) TVM_FFI_THROW(ValueError) << "mlcq_rope: qkv must be [seq_len, heads, head_dim]";
+  if (d <= 0 || d % 2 != 0 || d > 1024) TVM_FFI_THROW(ValueError) << "mlcq_rope: head_dim " << d << " (must be even)";
+  if (hq < 1 || hkv < 1) TVM_FFI_THROW(ValueError) << "mlcq_rope: " << hq << " q heads / " << hkv << " kv heads";
+  const int64_t seq_len = qkv.shape()[0];
+  CheckHalf3(qkv, "qkv", seq_len, hq + 2 * hkv, d);
+  CheckHalf3(q, "q", seq_len, hq, d);
+  CheckHalf3(k, "k", seq_len, hkv, d);
+  CheckHalf3(v, "v", seq_len, hkv, d);
+  if (position_map.ndim() != 1 || position_map.dtype().code != kDLInt || position_map.dtype().bits != 32 ||
+      position_map.shape()[0] != seq_len || position_map.device().device_type != kDLCUDA ||
+      !position_map.IsContiguous()) {
+    TVM_FFI_THROW(ValueError) << "mlcq_rope: position_map must be a contiguous int32 device vector of length "
+                              << seq_len;
+  }
+  if (seq_len == 0) return;
+  Params p;
+  p.qkv = Ptr<const half>(qkv);
+  p.pos = Ptr<const int32_t>(position_map);
+  p.q = Ptr<half>(q);
+  p.k = Ptr<half>(k);
+  p.v = Ptr<half>(v);
+  p.seq_len = seq_len;
+  p.hq = static_cast<int>(hq);
+  p.hkv = static_cast<int>(hkv);
+  p.d = static_cast<int>(d);
+  p.theta = static_cast<float>(theta);
+  p.scale = static_cast<float>(scale);
+  p.apply = apply_rope > 0;
+  const int device = qkv.device().device_id;
+  cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
+  const bool vec = (d == 64 || d == 128) && Aligned16(p.qkv) && Aligned16(p.q) && Aligned16(p.k) && Aligned16(p.v);
+  const unsigned grid = static_cast<unsigned>(seq_len < 65535 * 16 ? seq_len : 65535 * 16);
+  if (vec && d == 64) {
+    RopeVecKernel<64><<<grid, kThreads, 0, stream>>>(p);
+  } else if (vec) {
+    RopeVecKernel<128><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    const int64_t pairs = seq_len * (hq + 2 * hkv) * (d / 2);
+    const int64_t blocks = (pairs + kThreads - 1) / kThreads;
+    RopeScalarKernel<<<static_cast<unsigned>(blocks < 1 << 20 ? blocks : 1 << 20), kThreads, 0, stream>>>(p);
+  }
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) TVM_FFI_THROW(RuntimeError) << "mlcq_rope: launch failed: " << cudaGetErrorString(err);
+}
+
+// mlcq_rope(qkv, position_map, q, k, v, apply_rope, theta, scale): heads and head_dim from the shapes.
+void RopeDirect(TensorView qkv, TensorView position_map, TensorView q, TensorView k, TensorView v, int64_t apply_rope,
+                double theta, double scale) {
+  if (q.ndim() != 3 || k.ndim() != 3) TVM_FFI_THROW(ValueError) << "mlcq_rope: q and k must be 3-d";
+  Rope(qkv, position_map, q, k, v, apply_rope, theta, scale, q.shape()[1], k.shape()[1], q.shape()[2]);
+}
+
+// mlcq_rope_make(theta, scale, hq, hkv, head_dim) -> f(qkv, position_map, q, k, v, apply_rope):
+// the TIR function's signature, as PagedAttentionKVCacheObj::AttentionWithFusedQKV calls it.
+tvm::ffi::Function Make(double theta, double scale, int64_t hq, int64_t hkv, int64_t d) {
+  if (!(theta > 0)) TVM_FFI_THROW(ValueError) << "mlcq_rope_make: theta " << theta << " must be > 0";
+  if (hq < 1 || hkv < 1 || d <= 0 || d % 2 != 0) {
+    TVM_FFI_THROW(ValueError) << "mlcq_rope_make: bad configuration (" << hq << " q heads, " << hkv
+                              << " kv heads, head_dim " << d << ")";
+  }
+  return tvm::ffi::Function::FromTyped(
+      [=](TensorView qkv, TensorView position_map, TensorView q, TensorView k, TensorView v, int64_t apply_rope) {
+        Rope(qkv, position_map, q, k, v, apply_rope, theta, scale, hq, hkv, d);
+      });
+}
+
+}  // namespace
+}  // namespace mlcq_rope
+
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_rope, mlcq_rope::RopeDirect);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_rope_make, mlcq_rope::Make);
