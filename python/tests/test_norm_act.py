@@ -6,18 +6,12 @@ CPU:
     float32, hidden % 8 != 0 and a broadcasting add are left to TVM; well-formedness;
   * the merged Llama modules (q0f16, smq_q8i8f16_3) offload 2 norms per layer + the final one
     and one SiLU * up per layer, and dispatch still offloads every GEMM after it (needs nvcc).
-GPU (skipped without one; the kernel library from MLC_QUANT_KERNEL_LIB or built here):
-  * the kernels against numpy in float64 on fresh random data, rows 1 .. 2048, hidden 576 ..
-    11008: the residual sum bit-exact (fp16 rounding of a + b, as R.add), the norm and SiLU * up
-    within 2 fp16 ulps of the float64 value (|err| <= 2^-9 |ref| + 1e-6);
-  * bad arguments raise with the function's name.
+The kernels themselves on the GPU: test_cuda_norm_act.py.
 """
 from __future__ import annotations
 
-import os
 import shutil
 
-import numpy as np
 import pytest
 import tvm
 from tvm import relax
@@ -132,94 +126,3 @@ def test_llama_module_offloads_norms_and_silu(scheme_name):
         from mlc_quant import cuda_dispatch as cd  # pylint: disable=import-outside-toplevel
 
         cd.dispatch_gemms(qmod, strict=True, attach_kernels=False)  # raises if a matmul is left to TVM
-
-
-# =============================================================================================
-# GPU
-
-
-def _torch_cuda():
-    try:
-        import torch  # pylint: disable=import-outside-toplevel
-    except Exception:  # pylint: disable=broad-except
-        return None
-    return torch if torch.cuda.is_available() else None
-
-
-needs_gpu = pytest.mark.skipif(_torch_cuda() is None, reason="needs a CUDA GPU (and torch for device memory)")
-
-
-@pytest.fixture(scope="module")
-def klib(tmp_path_factory):
-    import tvm_ffi  # pylint: disable=import-outside-toplevel
-
-    path = os.environ.get("MLC_QUANT_KERNEL_LIB")
-    if not path:
-        from mlc_quant.kernels import build_shared_library, find_nvcc  # pylint: disable=import-outside-toplevel
-
-        if find_nvcc() is None:
-            pytest.skip("set MLC_QUANT_KERNEL_LIB or install nvcc to build the kernels")
-        path = build_shared_library(tmp_path_factory.mktemp("k") / "libmlc_quant_kernels.so")
-    return tvm_ffi.load_module(path)
-
-
-def _close(out, ref, what):
-    err = np.abs(out.astype(np.float64) - ref)
-    bound = 2.0 ** -9 * np.abs(ref) + 1e-6
-    assert np.isfinite(out).all(), what
-    assert (err <= bound).all(), f"{what}: worst err {err.max():.3g} at |ref| {np.abs(ref).ravel()[err.argmax()]:.3g}"
-
-
-def _ref_norm(s, w, eps):
-    s64 = s.astype(np.float64)
-    return s64 / np.sqrt((s64 ** 2).mean(-1, keepdims=True) + eps) * w.astype(np.float64)
-
-
-@needs_gpu
-@pytest.mark.parametrize("rows,hidden", [(1, 4096), (7, 576), (2048, 4096), (3, 11008), (5, 8)])
-def test_gpu_norms(klib, rows, hidden):
-    torch = _torch_cuda()
-    rng = np.random.default_rng()
-    a = (rng.standard_normal((1, rows, hidden)) * rng.uniform(0.1, 30)).astype(np.float16)
-    b = (rng.standard_normal((1, rows, hidden)) * 0.5).astype(np.float16)
-    w = rng.uniform(0.2, 2.0, hidden).astype(np.float16)
-    eps = 1e-5
-    da, db, dw = (torch.from_numpy(v).cuda() for v in (a, b, w))
-    s_out = torch.full_like(da, float("nan"))
-    n_out = torch.full_like(da, float("nan"))
-    klib["mlcq_add_rms_norm"](da, db, dw, eps, s_out, n_out)
-    torch.cuda.synchronize()
-    s = (a + b)  # numpy float16 add: the exact sum rounded once, as R.add in float16
-    np.testing.assert_array_equal(s_out.cpu().numpy(), s)
-    _close(n_out.cpu().numpy(), _ref_norm(s, w, eps), "add_rms_norm")
-    n2 = torch.full_like(da, float("nan"))
-    klib["mlcq_rms_norm"](da, dw, eps, n2)
-    _close(n2.cpu().numpy(), _ref_norm(a, w, eps), "rms_norm")
-    z = torch.zeros_like(da)  # an all-zero row: eps keeps it finite (output 0)
-    klib["mlcq_rms_norm"](z, dw, eps, n2)
-    assert (n2.cpu().numpy() == 0).all()
-
-
-@needs_gpu
-@pytest.mark.parametrize("rows,inter", [(1, 11008), (2048, 11008), (9, 1536), (4, 8)])
-def test_gpu_silu_mul(klib, rows, inter):
-    torch = _torch_cuda()
-    rng = np.random.default_rng()
-    gu = (rng.standard_normal((rows, 2 * inter)) * 4).astype(np.float16)
-    out = torch.full((rows, inter), float("nan"), dtype=torch.float16, device="cuda")
-    klib["mlcq_silu_mul"](torch.from_numpy(gu).cuda(), out)
-    torch.cuda.synchronize()
-    g, u = gu[:, :inter].astype(np.float64), gu[:, inter:].astype(np.float64)
-    _close(out.cpu().numpy(), g / (1 + np.exp(-g)) * u, "silu_mul")
-
-
-@needs_gpu
-def test_gpu_bad_arguments(klib):
-    torch = _torch_cuda()
-    x = torch.zeros((2, 12), dtype=torch.float16, device="cuda")
-    w = torch.zeros((12,), dtype=torch.float16, device="cuda")
-    with pytest.raises(Exception, match="mlcq_rms_norm.*multiple of 8"):
-        klib["mlcq_rms_norm"](x, w, 1e-5, torch.zeros_like(x))
-    x = torch.zeros((2, 16), dtype=torch.float32, device="cuda")
-    with pytest.raises(Exception, match="mlcq_silu_mul.*float16"):
-        klib["mlcq_silu_mul"](x, torch.zeros((2, 8), dtype=torch.float32, device="cuda"))
