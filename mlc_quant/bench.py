@@ -332,15 +332,29 @@ def kernel_profile(fn, torch, top: int = 25) -> Dict:
     wall = time.perf_counter() - t0
     total: Dict[str, float] = {}
     count: Dict[str, int] = {}
+    spans = []
     for e in prof.events():
         if getattr(e, "device_type", None) != DeviceType.CUDA:
             continue
         key = kernel_kind(e.name)
         total[key] = total.get(key, 0.0) + e.time_range.elapsed_us()
         count[key] = count.get(key, 0) + 1
+        spans.append((e.time_range.start, e.time_range.end, key))
+    # GPU idle time between kernels (the device waiting for the host), by the kernel before the gap
+    spans.sort()
+    idle: Dict[str, float] = {}
+    end, prev = None, None
+    for start, stop, key in spans:
+        if end is not None and start > end:
+            idle[prev] = idle.get(prev, 0.0) + (start - end)
+        if end is None or stop > end:
+            end, prev = stop, key
     s = sum(total.values())
     rows = sorted(total.items(), key=lambda kv: -kv[1])[:top]
     return {"wall_ms": round(wall * 1e3, 3), "kernel_ms": round(s / 1e3, 3), "kernels": sum(count.values()),
+            "span_ms": round((spans[-1][1] - spans[0][0]) / 1e3, 3) if spans else 0.0,
+            "idle_ms": round(sum(idle.values()) / 1e3, 3),
+            "idle_after": [{"kernel": k, "ms": round(v / 1e3, 3)} for k, v in sorted(idle.items(), key=lambda kv: -kv[1])[:6]],
             "top": [{"kernel": k, "ms": round(v / 1e3, 3), "calls": count[k], "share": round(v / (s or 1.0), 3)}
                     for k, v in rows]}
 

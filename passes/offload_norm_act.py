@@ -14,7 +14,8 @@ norm). Rewrites, on high-level Relax before dispatch (CUDA builds, float16 only)
   -> ``call_dps_packed("mlcq_silu_mul", (gu,))``.
 
 Only static last dims that are multiples of 8 (16 for ``2 I``) are rewritten, up to 32768 for the
-norm: anything else stays TVM's. The numerics are TVM's formulas in fp32 with one rounding per
+norm, and only where the row count is symbolic or at least ``MIN_ROWS`` (prefill; decode's single
+row stays with TVM's fused kernels, measured faster there): anything else stays TVM's. The numerics are TVM's formulas in fp32 with one rounding per
 output (SiLU is computed in fp32, where TVM's float16 ``silu`` rounds twice).
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ._linear import bindings_of
 
 RMS_NORM, ADD_RMS_NORM, SILU_MUL = "mlcq_rms_norm", "mlcq_add_rms_norm", "mlcq_silu_mul"
 MAX_HIDDEN = 32768
+MIN_ROWS = 64
 _ANALYZER = tvm.sym.Analyzer()
 
 
@@ -52,7 +54,21 @@ def _fp16_last_dim(e) -> Optional[int]:
     return int(dims[-1])
 
 
+def _many_rows(e) -> bool:
+    """False for a static row count below MIN_ROWS (decode): there TVM's fused kernels for one
+    row (2 us) beat these (one CTA per row, 3 us measured on the H200); symbolic counts (prefill)
+    are rewritten."""
+    rows = 1
+    for d in list(e.ty.shape.values)[:-1]:
+        if not isinstance(d, tvm.tirx.IntImm):
+            return True
+        rows *= int(d)
+    return rows >= MIN_ROWS
+
+
 def _norm_ok(call: relax.Call) -> bool:
+    if _fp16_last_dim(call.args[0]) is None or not _many_rows(call.args[0]):
+        return False
     h = _fp16_last_dim(call.args[0])
     axes = [int(a) for a in call.attrs.axes]
     ndim = len(call.args[0].ty.shape.values)
@@ -112,7 +128,7 @@ class _Rewriter(PyExprMutator):
             gu = split.args[0]
             width = _fp16_last_dim(gu)
             ndim = len(gu.ty.shape.values) if width is not None else 0
-            if (width is None or width % 16 or int(split.attrs.axis) % ndim != ndim - 1
+            if (width is None or width % 16 or not _many_rows(gu) or int(split.attrs.axis) % ndim != ndim - 1
                     or _fp16_last_dim(call) != width // 2):
                 continue
             sections = split.attrs.indices_or_sections

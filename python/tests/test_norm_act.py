@@ -73,10 +73,10 @@ def test_expected():
     tvm.ir.assert_structural_equal(out, Expected)
 
 
-def _norm_module(dtype="float16", hidden=64, r_shape=None):
+def _norm_module(dtype="float16", hidden=64, r_shape=None, rows=128):
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType((3, hidden), dtype))
-    r = relax.Var("r", relax.TensorType(r_shape or (3, hidden), dtype))
+    x = relax.Var("x", relax.TensorType((rows, hidden), dtype))
+    r = relax.Var("r", relax.TensorType(r_shape or (rows, hidden), dtype))
     w = relax.Var("w", relax.TensorType((hidden,), dtype))
     with bb.function("main", [x, r, w]):
         with bb.dataflow():
@@ -86,7 +86,7 @@ def _norm_module(dtype="float16", hidden=64, r_shape=None):
     return bb.get()
 
 
-@pytest.mark.parametrize("kw", [dict(dtype="float32"), dict(hidden=60), dict(r_shape=(1, 64))])
+@pytest.mark.parametrize("kw", [dict(dtype="float32"), dict(hidden=60), dict(r_shape=(1, 64)), dict(rows=1)])
 def test_left_to_tvm(kw):
     mod = _norm_module(**kw)
     out, counts = _run(mod)
@@ -115,13 +115,13 @@ def test_llama_module_offloads_norms_and_silu(scheme_name):
     qmod, _, _ = pipeline.merge_linears(qmod, {}, scheme)
     out, counts = _run(qmod)
     layers = config.num_hidden_layers
-    # per function with norms (prefill, decode, ...): the first norm alone, then add + norm twice
-    # per layer (the last one is the final norm)
-    left = [gv.name_hint for gv, f in out.functions_items() if isinstance(f, relax.Function) and "R.nn.rms_norm" in str(f)]
-    per_func = {gv.name_hint: str(f) for gv, f in qmod.functions_items() if isinstance(f, relax.Function)}
-    n_funcs = sum(1 for t in per_func.values() if "R.nn.rms_norm" in t)
-    assert counts == {RMS_NORM: n_funcs, ADD_RMS_NORM: 2 * layers * n_funcs, SILU_MUL: layers * n_funcs}
-    assert not left, left  # no R.nn.rms_norm left anywhere
+    # per function over a symbolic number of tokens (prefill): the first norm alone, then add +
+    # norm twice per layer (the last one is the final norm); decode (one static row) keeps TVM's
+    left = sorted(gv.name_hint for gv, f in out.functions_items()
+                  if isinstance(f, relax.Function) and "R.nn.rms_norm" in str(f))
+    assert left == ["decode"]
+    assert counts == {RMS_NORM: 1, ADD_RMS_NORM: 2 * layers, SILU_MUL: layers}
+    tvm.ir.assert_structural_equal(out["decode"], qmod["decode"])
     if shutil.which("nvcc") is not None:
         from mlc_quant import cuda_dispatch as cd  # pylint: disable=import-outside-toplevel
 
