@@ -251,6 +251,8 @@ def _units() -> List[_Unit]:
         _Unit("mlcq_norm_act", KERNEL_DIR / "norm_act.cu", base + GENERIC_GENCODE, ("ffi",)),
         # Split of the fused q/k/v with RoPE (the KV cache's f_split_rotary), see rope.cu.
         _Unit("mlcq_rope", KERNEL_DIR / "rope.cu", base + GENERIC_GENCODE, ("ffi",)),
+        # Split-K paged decode attention (the KV cache's decode slot), see decode_attention.cu.
+        _Unit("mlcq_decode_attention", KERNEL_DIR / "decode_attention.cu", base + GENERIC_GENCODE, ("ffi",)),
     ]
     for cfg in CUTLASS_CONFIGS:
         units.append(
