@@ -17,6 +17,7 @@ from tvm.target import Target
 
 from .config import LlamaConfig
 from .flash_prefill import FlashPrefillKVCache, resolve_prefill_attention
+from .fast_decode import with_fast_decode
 
 # pylint: disable=missing-function-docstring,too-few-public-methods
 
@@ -124,7 +125,8 @@ class LlamaForCausalLM(nn.Module):  # pylint: disable=too-many-instance-attribut
         page_size: tirx.Var,
     ) -> PagedKVCache:
         cfg = self.config
-        cache_cls = FlashPrefillKVCache if self.prefill_attention == "flash" else TIRPagedKVCache
+        # fast_decode.py: the decode slot rides on the flash prefill cache ($MLC_QUANT_DECODE_ATTENTION)
+        cache_cls = with_fast_decode(FlashPrefillKVCache) if self.prefill_attention == "flash" else TIRPagedKVCache
         return cache_cls(
             attn_kind="mha",
             max_batch_size=max_batch_size,
