@@ -113,7 +113,8 @@ def test_kv_cache_uses_fast_decode_where_supported(monkeypatch):
         slot, sliding = _decode_slot(mod)
         assert isinstance(slot.fields[1], relax.ExternFunc) and str(slot.fields[1].global_symbol) == KERNEL
         assert not isinstance(sliding.fields[1], relax.ExternFunc)  # the sliding-window slot stays TVM's
-        assert uses_fast_decode(mod) and relax.analysis.well_formed(mod)
+        relax.analysis.well_formed(mod)  # raises on a violation
+        assert uses_fast_decode(mod)
     # TVM's TIR function: CPU builds, fp32, head_dim 16, TVM's prefill cache
     for cfg, dtype, tgt, prefill in [(tiny_config(64), "float32", "llvm", None), (tiny_config(64), "float32", cuda, None),
                                      (tiny_config(16), "float16", cuda, None), (tiny_config(64), "float16", cuda, "tir")]:
@@ -122,7 +123,8 @@ def test_kv_cache_uses_fast_decode_where_supported(monkeypatch):
         assert not isinstance(slot.fields[1], relax.ExternFunc) and not uses_fast_decode(mod)
     monkeypatch.setenv("MLC_QUANT_DECODE_ATTENTION", "tir")
     mod, _ = export_model(tiny_config(64), "float16", cuda)
-    assert not uses_fast_decode(mod) and relax.analysis.well_formed(mod)
+    relax.analysis.well_formed(mod)  # raises on a violation
+    assert not uses_fast_decode(mod)
     monkeypatch.setenv("MLC_QUANT_DECODE_ATTENTION", "bogus")
     with pytest.raises(ValueError, match="bogus"):
         export_model(tiny_config(64), "float16", cuda)
