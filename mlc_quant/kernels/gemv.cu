@@ -14,13 +14,18 @@
 // is bit-identical to kernels.cu's quantize kernels (same reciprocal + fma division, rint, clamp),
 // and the epilogue is kernels.cu's epilogue_one: y = (acc - rs[m] zw[n] - c[n]) s_row[m] s_col[n]
 // + bias[n], clamped to the fp16 range. So one launch replaces quantize + GEMM + epilogue.
+// At M = 1 with K = 4096..16384 (16-byte aligned x and w) gemv_w8a8_m1_kernel runs instead: the
+// CTA splits K, q(x) stays in registers, no staging (see there; same results bit for bit).
+// Grids are one wave of resident CTAs, sized with the occupancy calculator.
 //
 // fp16 (the q0f16 baseline, weight [N, K]): the same loop with fp32 FMAs; x is read through L1.
 #include <cuda_fp16.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
 #include <mutex>
+#include <tuple>
 
 #include "mlcq_gemv.h"
 #include "mlcq_internal.h"
@@ -278,6 +283,226 @@ __global__ void __launch_bounds__(kThreads) gemv_w8a8_kernel(const W8Params P) {
   }
 }
 
+// ---- M = 1 (decode at batch 1): K spread over the whole CTA, q(x) in registers ----
+//
+// The kernel above gives each warp whole weight rows and stages q(x) in shared memory; at M = 1
+// that leaves half of a 4096 x 4096 matrix to a second round trip to HBM, and every CTA pays
+// the staging (two passes over x from L2 and three barriers). Here the 256 threads of a CTA split
+// K: thread t owns the 16-byte chunks t, t + 256, ... (NC of them), so it quantizes only the
+// 16 x values of its own chunks, once, in registers (dynamic per-token: one block max first),
+// and reuses them for every row group. A row group is R rows: R x NC 16-byte loads per thread,
+// all in flight at once; the loads of the CTA's next group go out before the cross-warp sum
+// and the epilogue of this one. Same quantize, same int32 sums (integer adds in any order),
+// same epilogue arithmetic as the kernel above: bit-identical outputs.
+// Rows per group (R: R x NC 16-byte loads in flight a thread) and CTAs an SM asked of the
+// register allocator (__launch_bounds__), for NC = 1..4 chunks a thread. Measured on H200
+// (docs/bench/gemv-session4.md); the -D overrides are for such sweeps.
+#ifndef MLCQ_GEMV1_R1
+#define MLCQ_GEMV1_R1 4
+#endif
+#ifndef MLCQ_GEMV1_R2
+#define MLCQ_GEMV1_R2 2
+#endif
+#ifndef MLCQ_GEMV1_R3
+#define MLCQ_GEMV1_R3 3
+#endif
+#ifndef MLCQ_GEMV1_R4
+#define MLCQ_GEMV1_R4 2
+#endif
+#ifndef MLCQ_GEMV1_B1
+#define MLCQ_GEMV1_B1 4
+#endif
+#ifndef MLCQ_GEMV1_B2
+#define MLCQ_GEMV1_B2 3
+#endif
+#ifndef MLCQ_GEMV1_B3
+#define MLCQ_GEMV1_B3 3
+#endif
+#ifndef MLCQ_GEMV1_B4
+#define MLCQ_GEMV1_B4 3
+#endif
+#ifndef MLCQ_GEMV1_L2HINT  // ask L2 to fetch 256-byte sectors (each warp reads 512 contiguous bytes)
+#define MLCQ_GEMV1_L2HINT 0
+#endif
+constexpr int kMaxNC1 = 4;  // K <= 4 * 256 * 16 = 16384 (larger K: the kernel above)
+constexpr int kRows1[kMaxNC1] = {MLCQ_GEMV1_R1, MLCQ_GEMV1_R2, MLCQ_GEMV1_R3, MLCQ_GEMV1_R4};
+constexpr int kMinBlocks1[kMaxNC1] = {MLCQ_GEMV1_B1, MLCQ_GEMV1_B2, MLCQ_GEMV1_B3, MLCQ_GEMV1_B4};
+
+template <int NC>
+__host__ __device__ constexpr int Rows1() {
+  return kRows1[NC - 1];
+}
+
+__device__ __forceinline__ int4 ld_weight(const int4* p) {
+#if MLCQ_GEMV1_L2HINT
+  int4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.s32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+#else
+  return ld_stream(p);
+#endif
+}
+
+__device__ __forceinline__ int quantize4(uint2 raw, float s, float r, float z, float lo) {
+  const __half2* h = reinterpret_cast<const __half2*>(&raw);
+  const float2 a = __half22float2(h[0]), b = __half22float2(h[1]);
+  const int q0 = quantize_one(a.x, s, r, z, lo), q1 = quantize_one(a.y, s, r, z, lo);
+  const int q2 = quantize_one(b.x, s, r, z, lo), q3 = quantize_one(b.y, s, r, z, lo);
+  return (q0 & 0xff) | ((q1 & 0xff) << 8) | ((q2 & 0xff) << 16) | (int(unsigned(q3) << 24));
+}
+
+template <int NC>
+__global__ void __launch_bounds__(kThreads, kMinBlocks1[NC - 1]) gemv_w8a8_m1_kernel(const W8Params P) {
+  constexpr int R = Rows1<NC>();
+  __shared__ float red_f[kWarps];
+  __shared__ int red_i[kWarps];
+  __shared__ int part[2][R][kWarps];
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int N = P.N, K = P.K;
+  const int nchunks = K / 16;
+  const int n_groups = (N + R - 1) / R;
+  bool has[NC];
+#pragma unroll
+  for (int j = 0; j < NC; ++j) has[j] = tid + j * kThreads < nchunks;
+
+  int4 wv[R][NC];
+  auto load = [&](int g) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int4* row = reinterpret_cast<const int4*>(P.w + int64_t(min(g * R + r, N - 1)) * K) + tid;
+#pragma unroll
+      for (int j = 0; j < NC; ++j)
+        if (has[j]) wv[r][j] = ld_weight(row + j * kThreads);
+    }
+  };
+  // Epilogue operands of row g * R + tid (threads tid < R), fetched with the group's weights so
+  // that the barrier-bound epilogue does not wait a round trip to L2 for them.
+  float e_sc = P.scale_col_value, e_b = 0.f;
+  int e_zw = 0, e_c = 0;
+  auto load_ep = [&](int g) {
+    if (tid < R) {
+      const int n = min(g * R + tid, N - 1);
+      if (P.scale_col) e_sc = __ldg(P.scale_col + (P.scale_col_is_vector ? n : 0));
+      if (P.bias) e_b = __half2float(P.bias[n]);
+      if (P.asym) e_zw = __ldg(P.zw + n), e_c = __ldg(P.c + n);
+    }
+  };
+  // The first weight loads go out before anything else: x (L2) and its quantize overlap them.
+  int g = blockIdx.x;
+  if (g < n_groups) {
+    load(g);
+    load_ep(g);
+  }
+
+  int4 xq[NC];
+  float s_dyn = 1.f;
+  // Scalars before x: none of them waits behind a barrier for its trip to L2.
+  const float eps = P.x_mode == kXDynamic ? __ldg(P.token_eps) : 0.f;
+  const float s_x = P.x_mode == kXStatic ? __ldg(P.x_scale) : 1.f;
+  const float s_row = P.scale_row ? __ldg(P.scale_row) : 1.f;  // given per-token scale (null if dynamic)
+  const float z = (P.x_mode == kXStatic && P.x_zero != nullptr) ? static_cast<float>(P.x_zero[0]) : 0.f;
+  if (P.x_mode == kXInt8) {
+    const int4* x = static_cast<const int4*>(P.x) + tid;
+#pragma unroll
+    for (int j = 0; j < NC; ++j) xq[j] = has[j] ? __ldg(x + j * kThreads) : make_int4(0, 0, 0, 0);
+  } else {
+    const uint4* x = static_cast<const uint4*>(P.x) + 2 * tid;  // 16 halves = 2 x 16 bytes a chunk
+    uint4 xr[NC][2];
+#pragma unroll
+    for (int j = 0; j < NC; ++j) {
+      if (has[j]) {
+        xr[j][0] = __ldg(x + 2 * j * kThreads);
+        xr[j][1] = __ldg(x + 2 * j * kThreads + 1);
+      } else {
+        xr[j][0] = xr[j][1] = make_uint4(0, 0, 0, 0);
+      }
+    }
+    if (P.x_mode == kXDynamic) {
+      float amax = 0.f;
+#pragma unroll
+      for (int j = 0; j < NC; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const __half2* v = reinterpret_cast<const __half2*>(&xr[j][h]);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const float2 f = __half22float2(v[i]);
+            amax = fmaxf(amax, fmaxf(fabsf(f.x), fabsf(f.y)));
+          }
+        }
+      amax = warp_max(amax);
+      if (lane == 0) red_f[warp] = amax;
+      __syncthreads();
+      amax = red_f[0];
+#pragma unroll
+      for (int w = 1; w < kWarps; ++w) amax = fmaxf(amax, red_f[w]);
+      s_dyn = fmaxf(amax / 127.f, eps);  // as kernels.cu's dynamic kernel
+    }
+    const float lo = P.x_mode == kXStatic ? -128.f : -127.f;
+    const float s = P.x_mode == kXStatic ? s_x : P.x_mode == kXToken ? s_row : s_dyn;
+    const float rcp = 1.f / s;
+#pragma unroll
+    for (int j = 0; j < NC; ++j) {
+      const uint2* h = reinterpret_cast<const uint2*>(&xr[j][0]);  // 4 x (4 halves)
+      xq[j].x = quantize4(h[0], s, rcp, z, lo);
+      xq[j].y = quantize4(h[1], s, rcp, z, lo);
+      xq[j].z = quantize4(h[2], s, rcp, z, lo);
+      xq[j].w = quantize4(h[3], s, rcp, z, lo);
+      if (!has[j]) xq[j] = make_int4(0, 0, 0, 0);
+    }
+  }
+  if (P.asym) {  // per-warp row sums of q(x); the first group's barrier publishes them
+    int s = 0;
+#pragma unroll
+    for (int j = 0; j < NC; ++j) s = dot(xq[j], make_int4(0x01010101, 0x01010101, 0x01010101, 0x01010101), s);
+    s = warp_sum(s);
+    if (lane == 0) red_i[warp] = s;
+  }
+  const float sr = P.x_mode == kXDynamic ? s_dyn : s_row;
+
+  for (int buf = 0; g < n_groups; g += gridDim.x, buf ^= 1) {
+    int acc[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      acc[r] = 0;
+#pragma unroll
+      for (int j = 0; j < NC; ++j)
+        if (has[j]) acc[r] = dot(wv[r][j], xq[j], acc[r]);
+    }
+    const int n0 = g * R;
+    const float sc = e_sc, b = e_b;
+    const int zw = e_zw, cn = e_c;
+    if (g + int(gridDim.x) < n_groups) {  // next group's loads go out now
+      load(g + gridDim.x);
+      load_ep(g + gridDim.x);
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      acc[r] = warp_sum(acc[r]);
+      if (lane == 0) part[buf][r][warp] = acc[r];
+    }
+    // One barrier per group: part[buf] is rewritten two groups later, after the next barrier.
+    __syncthreads();
+    if (tid < R && n0 + tid < N) {
+      const int n = n0 + tid;
+      int32_t a = 0;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) a += part[buf][tid][w];
+      if (P.asym) {
+        int rowsum = 0;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) rowsum += red_i[w];
+        a = a - rowsum * zw - cn;
+      }
+      float y = static_cast<float>(a) * sr * sc + b;
+      y = y != y ? y : fminf(fmaxf(y, -65504.f), 65504.f);  // as Relax dequantize
+      P.out[n] = __float2half_rn(y);
+    }
+  }
+}
+
 template <int MT>
 __global__ void __launch_bounds__(kThreads)
     gemv_f16_kernel(int M, int N, int K, const __half* __restrict__ x, const __half* __restrict__ w,
@@ -374,13 +599,27 @@ int MBucket(int64_t M) { return M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : 8; }
 int64_t Round16(int64_t k) { return (k + 15) / 16 * 16; }
 bool AlignedTo(const void* p, int bytes) { return (reinterpret_cast<uintptr_t>(p) % bytes) == 0; }
 
-int GridFor(int64_t N, int smem, const GemvDevice& d) {
-  const int64_t groups = (N + kRows - 1) / kRows;
-  const int64_t ctas = (groups + kWarps - 1) / kWarps;
-  int per_sm = 2048 / kThreads;
-  if (smem > 0) per_sm = std::max(1, std::min(per_sm, d.smem_per_sm / (smem + 1024 + 512)));
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ctas, int64_t(d.sm_count) * per_sm)));
+// CTAs of `kernel` (kThreads threads, `smem` dynamic shared bytes) one SM holds at once, from the
+// occupancy calculator (registers count: 60-107 registers a thread allow 2-4 CTAs, not 8), cached.
+int ResidentPerSm(const void* kernel, int smem, int device) {
+  static std::mutex mu;
+  static std::map<std::tuple<const void*, int, int>, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  const auto key = std::make_tuple(kernel, smem, device);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int n = 0;
+  MLCQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, smem));
+  n = std::max(1, n);
+  cache.emplace(key, n);
+  return n;
 }
+
+// One wave of CTAs (persistent: they loop over the work), at most `work` CTAs.
+int GridFor(int64_t work, int per_sm, const GemvDevice& d) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(work, int64_t(d.sm_count) * per_sm)));
+}
+int64_t RowGroupCtas(int64_t N) { return ((N + kRows - 1) / kRows + kWarps - 1) / kWarps; }
 
 template <int MT, int VEC>
 void LaunchW8(const W8Params& P, int device, cudaStream_t stream) {
@@ -391,7 +630,17 @@ void LaunchW8(const W8Params& P, int device, cudaStream_t stream) {
     MLCQ_CUDA_CHECK(cudaFuncSetAttribute(gemv_w8a8_kernel<MT, VEC>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   }
-  gemv_w8a8_kernel<MT, VEC><<<GridFor(P.N, smem, d), kThreads, smem, stream>>>(P);
+  const int per_sm = ResidentPerSm(reinterpret_cast<const void*>(gemv_w8a8_kernel<MT, VEC>), smem, device);
+  gemv_w8a8_kernel<MT, VEC><<<GridFor(RowGroupCtas(P.N), per_sm, d), kThreads, smem, stream>>>(P);
+  MLCQ_CUDA_CHECK(cudaGetLastError());
+}
+
+template <int NC>
+void LaunchW8M1(const W8Params& P, int device, cudaStream_t stream) {
+  const GemvDevice& d = GetGemvDevice(device);
+  const int per_sm = ResidentPerSm(reinterpret_cast<const void*>(gemv_w8a8_m1_kernel<NC>), 0, device);
+  const int64_t groups = (int64_t(P.N) + Rows1<NC>() - 1) / Rows1<NC>();
+  gemv_w8a8_m1_kernel<NC><<<GridFor(groups, per_sm, d), kThreads, 0, stream>>>(P);
   MLCQ_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -423,6 +672,16 @@ void LaunchGemvW8A8(const GemmProblem& p, const GemvInput& in, cudaStream_t stre
   P.scale_col_is_vector = p.scale_col_is_vector;
   P.bias = static_cast<const __half*>(p.bias), P.zw = p.zw, P.c = p.c, P.asym = p.asym();
   const bool v16 = p.K % 16 == 0 && AlignedTo(p.w, 16);
+  // M = 1 with K = 4096..16384: the split-K kernel (every thread busy on the first chunk).
+  const int64_t nchunks = p.K / 16;
+  if (p.M == 1 && v16 && AlignedTo(in.x, 16) && nchunks >= kThreads && nchunks <= kMaxNC1 * kThreads) {
+    switch ((nchunks + kThreads - 1) / kThreads) {
+      case 1: return LaunchW8M1<1>(P, p.device_id, stream);
+      case 2: return LaunchW8M1<2>(P, p.device_id, stream);
+      case 3: return LaunchW8M1<3>(P, p.device_id, stream);
+      default: return LaunchW8M1<4>(P, p.device_id, stream);
+    }
+  }
 #define MLCQ_W8(MT) \
   return v16 ? LaunchW8<MT, 16>(P, p.device_id, stream) : LaunchW8<MT, 4>(P, p.device_id, stream)
   switch (MBucket(p.M)) {
@@ -442,7 +701,14 @@ bool GemvF16Usable(int64_t M, int64_t N, int64_t K, const void* x, const void* w
 void LaunchGemvF16(int64_t M, int64_t N, int64_t K, const void* x, const void* w, const void* bias,
                    void* out, int device, cudaStream_t stream) {
   const GemvDevice& d = GetGemvDevice(device);
-  const int grid = GridFor(N, 0, d);
+  int per_sm = 1;
+  switch (MBucket(M)) {
+    case 1: per_sm = ResidentPerSm(reinterpret_cast<const void*>(gemv_f16_kernel<1>), 0, device); break;
+    case 2: per_sm = ResidentPerSm(reinterpret_cast<const void*>(gemv_f16_kernel<2>), 0, device); break;
+    case 4: per_sm = ResidentPerSm(reinterpret_cast<const void*>(gemv_f16_kernel<4>), 0, device); break;
+    default: per_sm = ResidentPerSm(reinterpret_cast<const void*>(gemv_f16_kernel<8>), 0, device); break;
+  }
+  const int grid = GridFor(RowGroupCtas(N), per_sm, d);
   const int m = static_cast<int>(M), n = static_cast<int>(N), k = static_cast<int>(K);
   const __half* xh = static_cast<const __half*>(x);
   const __half* wh = static_cast<const __half*>(w);
