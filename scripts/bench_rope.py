@@ -77,12 +77,12 @@ def main() -> int:
             v = torch.empty(n, hkv, d, device="cuda", dtype=torch.float16)
             nbytes = 2 * qkv.numel() * 2 + pos.numel() * 4  # read qkv, write q/k/v, read positions
             r = {"bytes": nbytes}
-            r["ours_us"] = timed(lambda: ours(qkv, pos, q, k, v, 1)) * 1e3
+            t = tvm.runtime.from_dlpack  # converted once: the timed calls pass the same tensors to both kernels
+            tq, tp, tqo, tko, tvo = t(qkv), t(pos), t(q), t(k), t(v)
+            r["ours_us"] = timed(lambda: ours(tq, tp, tqo, tko, tvo, 1)) * 1e3
             copy_dst = torch.empty_like(qkv)
             r["copy_us"] = timed(lambda: copy_dst.copy_(qkv)) * 1e3
             if tir is not None:
-                t = tvm.runtime.from_dlpack
-                tq, tp = t(qkv), t(pos)
                 outs = [tvm.runtime.tensor(np.zeros((n, hh, d), np.float16), dev) for hh in (h, hkv, hkv)]
                 r["tir_us"] = timed(lambda: tir(tq, tp, *outs, 1)) * 1e3
                 diffs = [float((x.float().cpu() - torch.from_numpy(o.numpy()).float()).abs().max())

@@ -250,7 +250,8 @@ def _units() -> List[_Unit]:
         # RMSNorm (+ residual add) and SiLU-gated multiply, 16-byte vectorized, see norm_act.cu.
         _Unit("mlcq_norm_act", KERNEL_DIR / "norm_act.cu", base + GENERIC_GENCODE, ("ffi",)),
         # Split of the fused q/k/v with RoPE (the KV cache's f_split_rotary), see rope.cu.
-        _Unit("mlcq_rope", KERNEL_DIR / "rope.cu", base + GENERIC_GENCODE, ("ffi",)),
+        # --use_fast_math: the math of TVM's TIR kernel as TVM's nvcc call compiles it.
+        _Unit("mlcq_rope", KERNEL_DIR / "rope.cu", base + GENERIC_GENCODE + ["--use_fast_math"], ("ffi",)),
         # Split-K paged decode attention (the KV cache's decode slot), see decode_attention.cu.
         _Unit("mlcq_decode_attention", KERNEL_DIR / "decode_attention.cu", base + GENERIC_GENCODE, ("ffi",)),
     ]

@@ -17,10 +17,15 @@
 //   q/k[s, h, j + D/2] = half(cosf(freq_j) * x[s, h, j + D/2] + sinf(freq_j) * x[s, h, j])
 //   v[s, h] = qkv[s, Hq + Hkv + h];  apply_rope == 0: q and k are plain copies.
 //
-// Vector path (all pointers 16-byte aligned, D = 64 or 128): one CTA per token; a thread owns
-// the 8 frequencies of one 16-byte chunk of the first half (computed once per token) and walks the
-// q and k heads, loading the chunk and its partner in the second half (16-byte loads/stores); v is
-// copied in 16-byte chunks. Otherwise (misaligned views, other D): one thread per element pair.
+// Vector path (all pointers 16-byte aligned, D = 64 or 128): a thread owns one 16-byte chunk of
+// the first half of G q/k heads of one token and the matching chunks of the second half (16-byte
+// loads/stores), and computes the chunk's 8 frequencies once for the G heads; v is copied in
+// 16-byte chunks. Otherwise (misaligned views, other D): one thread per element pair.
+//
+// The math is the TIR kernel's as TVM compiles it: TVM's nvcc call (tvm/support/nvcc.py) passes
+// --use_fast_math, and so does this unit (mlc_quant/kernels/build.py): cosf/sinf/powf are the
+// fast intrinsics, the division is approximate, and the results match TVM's kernel bit for bit
+// (or to 1 fp16 ulp where the compiler contracts the multiply-adds differently).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <tvm/ffi/container/tensor.h>
@@ -58,49 +63,117 @@ __device__ __forceinline__ half Rot(float c, float s, half x, half y) {
 
 constexpr int kThreads = 256;
 
-template <int D>
-__global__ void __launch_bounds__(kThreads) RopeVecKernel(Params p) {
+__device__ __forceinline__ uint4 Load16(const half* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+__device__ __forceinline__ void Store16(half* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
+
+// One thread per (token, 16-byte chunk c of the first half of a head, group g of G q/k heads):
+// heads g, g + NG, ..., g + (G-1) NG (NG = ceil((Hq + Hkv) / G), so a warp's loads cover whole
+// heads), all 2G loads issued before the 8 frequencies are computed. The items after the rotated
+// ones copy v, 4 chunks each (chunks i, i + NV, i + 2 NV, i + 3 NV).
+template <int D, int G>
+__global__ void __launch_bounds__(kThreads) RopeVecKernel(Params p, int rot_items, int v_items) {
   constexpr int kHalfD = D / 2;
-  constexpr int kChunks = kHalfD / 8;  // 16-byte chunks of one half of a head
-  static_assert(kThreads % kChunks == 0, "chunks per half-head must divide the CTA");
-  constexpr int kHeadStep = kThreads / kChunks;
-  const int heads = p.hq + 2 * p.hkv;
-  const int c = threadIdx.x % kChunks;
-  const int h0 = threadIdx.x / kChunks;
-  for (int64_t s = blockIdx.x; s < p.seq_len; s += gridDim.x) {
-    const half* row = p.qkv + s * heads * D;
+  constexpr int kChunks = kHalfD / 8;
+  const int rot_heads = p.hq + p.hkv;
+  const int per_token = rot_items + v_items;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t s = tid / per_token;
+  if (s >= p.seq_len) return;
+  const int item = static_cast<int>(tid - s * per_token);
+  const half* row = p.qkv + s * (rot_heads + p.hkv) * D;
+  if (item >= rot_items) {
+    const int i = item - rot_items;
+    const half* src = row + rot_heads * D;
+    half* dst = p.v + s * p.hkv * D;
+    uint4 t[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) t[j] = Load16(src + (i + j * v_items) * 8);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) Store16(dst + (i + j * v_items) * 8, t[j]);
+    return;
+  }
+  const int c = item % kChunks;
+  const int g = item / kChunks;
+  const int groups = rot_items / kChunks;
+  uint4 lo[G], hi[G];
+#pragma unroll
+  for (int i = 0; i < G; ++i) {
+    const int h = g + i * groups;
+    if (h < rot_heads) {
+      lo[i] = Load16(row + h * D + c * 8);
+      hi[i] = Load16(row + h * D + kHalfD + c * 8);
+    }
+  }
+  if (p.apply) {
     float cs[8], sn[8];
-    if (p.apply) {
-      const int32_t pos = p.pos[s];
+    const int32_t pos = p.pos[s];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float f = Freq(pos, c * 8 + i, D, p.theta, p.scale);
-        cs[i] = cosf(f);
-        sn[i] = sinf(f);
-      }
+    for (int j = 0; j < 8; ++j) {
+      const float f = Freq(pos, c * 8 + j, D, p.theta, p.scale);
+      cs[j] = cosf(f);
+      sn[j] = sinf(f);
     }
-    for (int h = h0; h < p.hq + p.hkv; h += kHeadStep) {
-      const uint4 lo = *reinterpret_cast<const uint4*>(row + h * D + c * 8);
-      const uint4 hi = *reinterpret_cast<const uint4*>(row + h * D + kHalfD + c * 8);
-      uint4 olo = lo, ohi = hi;
-      if (p.apply) {
-        const half* xl = reinterpret_cast<const half*>(&lo);
-        const half* xh = reinterpret_cast<const half*>(&hi);
-        half* yl = reinterpret_cast<half*>(&olo);
-        half* yh = reinterpret_cast<half*>(&ohi);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          yl[i] = Rot(cs[i], sn[i], xl[i], __hneg(xh[i]));
-          yh[i] = Rot(cs[i], sn[i], xh[i], xl[i]);
-        }
+    for (int i = 0; i < G; ++i) {
+      const half* xl = reinterpret_cast<const half*>(&lo[i]);
+      const half* xh = reinterpret_cast<const half*>(&hi[i]);
+      uint4 ol, oh;
+      half* yl = reinterpret_cast<half*>(&ol);
+      half* yh = reinterpret_cast<half*>(&oh);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        yl[j] = Rot(cs[j], sn[j], xl[j], __hneg(xh[j]));
+        yh[j] = Rot(cs[j], sn[j], xh[j], xl[j]);
       }
+      lo[i] = ol;
+      hi[i] = oh;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < G; ++i) {
+    const int h = g + i * groups;
+    if (h < rot_heads) {
       half* dst = h < p.hq ? p.q + (s * p.hq + h) * D : p.k + (s * p.hkv + (h - p.hq)) * D;
-      *reinterpret_cast<uint4*>(dst + c * 8) = olo;
-      *reinterpret_cast<uint4*>(dst + kHalfD + c * 8) = ohi;
+      Store16(dst + c * 8, lo[i]);
+      Store16(dst + kHalfD + c * 8, hi[i]);
     }
-    const uint4* vsrc = reinterpret_cast<const uint4*>(row + (p.hq + p.hkv) * D);
-    uint4* vdst = reinterpret_cast<uint4*>(p.v + s * p.hkv * D);
-    for (int i = threadIdx.x; i < p.hkv * (D / 8); i += kThreads) vdst[i] = vsrc[i];
+  }
+}
+
+int SmCount(int device) {
+  static int counts[64] = {};
+  if (device < 0 || device >= 64) return 132;
+  if (counts[device] == 0) {
+    int n = 0;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) n = 132;
+    counts[device] = n;
+  }
+  return counts[device];
+}
+
+template <int D, int G>
+void LaunchVec(const Params& p, cudaStream_t stream) {
+  constexpr int kChunks = D / 16;
+  const int rot_heads = p.hq + p.hkv;
+  const int rot_items = (rot_heads + G - 1) / G * kChunks;
+  const int v_items = p.hkv * D / 32;  // 4 chunks of 8 halves each
+  const int64_t threads = p.seq_len * (rot_items + v_items);
+  RopeVecKernel<D, G><<<static_cast<unsigned>((threads + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+      p, rot_items, v_items);
+}
+
+// Heads per thread: as many as keep about a full GPU of threads busy (more heads per thread
+// means more loads in flight per thread and the frequencies computed once for more heads).
+template <int D>
+void LaunchVecAuto(const Params& p, int device, cudaStream_t stream) {
+  const int64_t items = p.seq_len * (p.hq + p.hkv) * (D / 16);
+  const int64_t full = static_cast<int64_t>(SmCount(device)) * 1024;
+  if (items >= 4 * full) {
+    LaunchVec<D, 4>(p, stream);
+  } else if (items >= 2 * full) {
+    LaunchVec<D, 2>(p, stream);
+  } else {
+    LaunchVec<D, 1>(p, stream);
   }
 }
 
@@ -197,11 +270,10 @@ void Rope(TensorView qkv, TensorView position_map, TensorView q, TensorView k, T
   const int device = qkv.device().device_id;
   cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
   const bool vec = (d == 64 || d == 128) && Aligned16(p.qkv) && Aligned16(p.q) && Aligned16(p.k) && Aligned16(p.v);
-  const unsigned grid = static_cast<unsigned>(seq_len < 65535 * 16 ? seq_len : 65535 * 16);
   if (vec && d == 64) {
-    RopeVecKernel<64><<<grid, kThreads, 0, stream>>>(p);
+    LaunchVecAuto<64>(p, device, stream);
   } else if (vec) {
-    RopeVecKernel<128><<<grid, kThreads, 0, stream>>>(p);
+    LaunchVecAuto<128>(p, device, stream);
   } else {
     const int64_t pairs = seq_len * (hq + 2 * hkv) * (d / 2);
     const int64_t blocks = (pairs + kThreads - 1) / kThreads;

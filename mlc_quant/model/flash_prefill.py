@@ -9,7 +9,9 @@ with CUDA-core FMAs (~6 TFLOP/s on an H100, 73 % of Llama-2-7B's 2048-token pref
 the TIR kernel's arguments, and it runs mlc_quant/kernels/attention.cu (FlashAttention-2 style,
 mma.sync), linked into the exported library with the GEMM kernels
 (:func:`mlc_quant.cuda_dispatch.dispatch_gemms` attaches them when the module references it).
-Every other function (paged prefill, decode, merge, RoPE, copies) stays TVM's.
+The RoPE split (``tir_split_rotary``) becomes mlc_quant's CUDA kernel too where supported
+(:mod:`mlc_quant.model.fast_rope`, ``MLC_QUANT_ROPE``). Every other function (paged prefill,
+decode, merge, copies) stays TVM's.
 
 Supported: CUDA target, float16, MHA with head_dim 64 or 128, RopeMode.NORMAL (RoPE applied
 before attention), any GQA ratio, causal or not. Anything else keeps the TIR kernel.
@@ -26,6 +28,8 @@ import tvm
 from tvm import relax as rx
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 from tvm.target import Target
+
+from .fast_rope import plan_rope, swap_split_rotary
 
 PREFILL_KERNEL = "mlcq_attn_prefill_ragged"
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -81,7 +85,8 @@ class _SwapRaggedPrefill(PagedKVCache):  # pylint: disable=too-few-public-method
     nn.Object emits it."""
 
     def __init__(self, *, _expr: rx.Expr, _name: str) -> None:  # pylint: disable=invalid-name
-        super().__init__(_expr=_swap_ragged_prefill(_expr), _name=_name)
+        super().__init__(_expr=swap_split_rotary(_swap_ragged_prefill(_expr), getattr(self, "_rope_plan", None)),
+                         _name=_name)
 
 
 class FlashPrefillKVCache(TIRPagedKVCache, _SwapRaggedPrefill):  # pylint: disable=too-few-public-methods
@@ -94,6 +99,7 @@ class FlashPrefillKVCache(TIRPagedKVCache, _SwapRaggedPrefill):  # pylint: disab
             why = "attention kind other than MHA"
         if why is not None:
             raise ValueError(f"FlashPrefillKVCache: unsupported configuration: {why}")
+        self._rope_plan = plan_rope(**kwargs)  # the CUDA RoPE kernel too, where supported (fast_rope.py)
         super().__init__(**kwargs)
 
 
