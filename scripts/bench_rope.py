@@ -1,7 +1,8 @@
 """Time the KV cache's RoPE split (fused qkv [S, Hq + 2 Hkv, D] -> rotated q, rotated k, v) on a GPU:
 mlc_quant's kernel (``mlcq_rope_make``, mlc_quant/kernels/rope.cu) against TVM's TIR ``fused_rope``
 (as TIRPagedKVCache builds it), and a plain device copy of the same bytes (torch) as the memory
-roofline. Llama-2-7B shape by default (32 heads, 32 KV heads, head_dim 128, theta 1e4).
+roofline; then the k/v append to the pages (``mlcq_kv_transpose_append`` vs TVM's TIR
+``tir_kv_cache_transpose_append``, page size 16, slots 0..S-1). Llama-2-7B shape by default (32 heads, 32 KV heads, head_dim 128, theta 1e4).
 
 Runs with the runtime-only TVM: the libraries come from
 ``python python/tests/test_cuda_rope.py make-gpu-bundle DIR`` (built on the CPU machine)::
@@ -40,7 +41,8 @@ def main() -> int:
 
     prepare_cuda_runtime()
     b = Path(args.bundle)
-    make = tvm_ffi.load_module(str(b / "libmlc_quant_kernels.so"))["mlcq_rope_make"]
+    lib = tvm_ffi.load_module(str(b / "libmlc_quant_kernels.so"))
+    make, append = lib["mlcq_rope_make"], lib["mlcq_kv_transpose_append"]
     dev = tvm.cuda(0)
 
     def timed(fn):
@@ -93,6 +95,24 @@ def main() -> int:
                 r[key] = round(r[key], 2)
             if "tir_us" in r:
                 r["speedup_vs_tir"] = round(r["tir_us"] / r["ours_us"], 2)
+            # k/v append to the pages (page size 16, prefill from an empty cache: slots 0..n-1)
+            pages = torch.zeros((n + 15) // 16, 2, hkv, 16, d, device="cuda", dtype=torch.float16)
+            abytes = 2 * 2 * k.numel() + pos.numel() * 4
+            tpg = t(pages)
+            a = {"bytes": abytes, "ours_us": timed(lambda: append(tpg, tko, tvo, tp)) * 1e3}
+            ap_path = b / f"tir_append_{case}.so"
+            if ap_path.is_file():
+                tir_append = tvm.runtime.load_module(str(ap_path))["tir_append"]
+                ours_pages = pages.cpu()
+                pages.zero_()
+                a["tir_us"] = timed(lambda: tir_append(tpg, tko, tvo, tp)) * 1e3
+                a["identical_to_tir"] = bool(torch.equal(ours_pages, pages.cpu()))
+            for key in [k_ for k_ in list(a) if k_.endswith("_us")]:
+                a[key.replace("_us", "_gbps")] = round(abytes / (a[key] * 1e-6) / 1e9, 1)
+                a[key] = round(a[key], 2)
+            if "tir_us" in a:
+                a["speedup_vs_tir"] = round(a["tir_us"] / a["ours_us"], 2)
+            r["kv_append"] = a
             res["lengths"][str(n)] = r
             print(case, n, json.dumps(r), flush=True)
         out["cases"][case] = res

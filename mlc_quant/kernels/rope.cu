@@ -10,6 +10,8 @@
 // function) live in a closure: `mlcq_rope_make(theta, scale, Hq, Hkv, D)` returns the function
 // (mlc_quant/model/fast_rope.py puts that call in the KV cache's create call). `mlcq_rope(...,
 // apply_rope, theta, scale)` is the same kernel with theta/scale as arguments (tests, benchmarks).
+// `mlcq_kv_transpose_append(pages, k, v, position_map)` is the KV cache's append of k/v to the pages
+// (TVM's TIR `tir_kv_cache_transpose_append`, same signature), the step after this one.
 //
 // Semantics, with the TIR kernel's fp32 math (p = position_map[s], j < D/2):
 //   freq_j = (float(p) * scale) / powf(theta, float(2 j) / float(D))
@@ -34,6 +36,7 @@
 #include <tvm/ffi/function.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace mlcq_rope {
 namespace {
@@ -211,6 +214,31 @@ __global__ void RopeScalarKernel(Params p) {
   }
 }
 
+// k/v append to the pages (TVM's TIR `tir_kv_cache_transpose_append`, _page_kernels.py):
+//   for t, h, f: if position_map[t] != -1, p = position_map[t]:
+//     pages[p / page_size, 0, h, p % page_size, f] = k[t, h, f]; pages[..., 1, ...] = v[t, h, f]
+// One thread per (k or v, token, head, chunk of VEC halves): 16-byte copies when aligned.
+template <int VEC>
+__global__ void KvAppendKernel(half* __restrict__ pages, const half* __restrict__ k, const half* __restrict__ v,
+                               const int32_t* __restrict__ pos, int64_t ntok, int hkv, int d, int page_size) {
+  using T = typename std::conditional<VEC == 8, uint4, half>::type;
+  const int chunks = d / VEC;
+  const int64_t per = ntok * hkv * chunks;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= 2 * per) return;
+  const int which = i >= per;
+  const int64_t r = i - which * per;
+  const int c = static_cast<int>(r % chunks);
+  const int h = static_cast<int>((r / chunks) % hkv);
+  const int64_t t = r / (static_cast<int64_t>(chunks) * hkv);
+  const int32_t p = pos[t];
+  if (p == -1) return;
+  const half* src = (which ? v : k) + (t * hkv + h) * d + c * VEC;
+  half* dst = pages + (((static_cast<int64_t>(p / page_size) * 2 + which) * hkv + h) * page_size + p % page_size) * d +
+              c * VEC;
+  *reinterpret_cast<T*>(dst) = *reinterpret_cast<const T*>(src);
+}
+
 // ------------------------------------------------------------------------------------------------
 // tvm-ffi entry points
 
@@ -304,8 +332,52 @@ tvm::ffi::Function Make(double theta, double scale, int64_t hq, int64_t hkv, int
       });
 }
 
+// mlcq_kv_transpose_append(pages [N, 2, Hkv, page_size, D], k [S, Hkv, D], v [S, Hkv, D], position_map [S]):
+// the TIR function's signature, as the runtime calls f_transpose_append_mha.
+void KvTransposeAppend(TensorView pages, TensorView k, TensorView v, TensorView position_map) {
+  if (k.ndim() != 3) TVM_FFI_THROW(ValueError) << "mlcq_kv_transpose_append: k must be [tokens, kv_heads, head_dim]";
+  const int64_t ntok = k.shape()[0], hkv = k.shape()[1], d = k.shape()[2];
+  if (pages.ndim() != 5 || pages.dtype().code != kDLFloat || pages.dtype().bits != 16 || pages.shape()[1] != 2 ||
+      pages.shape()[2] != hkv || pages.shape()[4] != d || !pages.IsContiguous() ||
+      pages.device().device_type != kDLCUDA) {
+    TVM_FFI_THROW(ValueError) << "mlcq_kv_transpose_append: pages must be a contiguous float16 CUDA tensor [pages, 2, "
+                              << hkv << ", page_size, " << d << "]";
+  }
+  CheckHalf3(k, "k", ntok, hkv, d);
+  CheckHalf3(v, "v", ntok, hkv, d);
+  if (position_map.ndim() != 1 || position_map.dtype().code != kDLInt || position_map.dtype().bits != 32 ||
+      position_map.shape()[0] != ntok || position_map.device().device_type != kDLCUDA ||
+      !position_map.IsContiguous()) {
+    TVM_FFI_THROW(ValueError) << "mlcq_kv_transpose_append: position_map must be a contiguous int32 device vector "
+                                 "of length "
+                              << ntok;
+  }
+  if (ntok == 0 || hkv == 0 || d == 0) return;
+  half* pg = Ptr<half>(pages);
+  const half* kp = Ptr<const half>(k);
+  const half* vp = Ptr<const half>(v);
+  const int32_t* pp = Ptr<const int32_t>(position_map);
+  const int page_size = static_cast<int>(pages.shape()[3]);
+  cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, k.device().device_id));
+  const bool vec = d % 8 == 0 && Aligned16(pg) && Aligned16(kp) && Aligned16(vp);
+  const int64_t items = 2 * ntok * hkv * (vec ? d / 8 : d);
+  const unsigned blocks = static_cast<unsigned>((items + kThreads - 1) / kThreads);
+  if (vec) {
+    KvAppendKernel<8><<<blocks, kThreads, 0, stream>>>(pg, kp, vp, pp, ntok, static_cast<int>(hkv),
+                                                       static_cast<int>(d), page_size);
+  } else {
+    KvAppendKernel<1><<<blocks, kThreads, 0, stream>>>(pg, kp, vp, pp, ntok, static_cast<int>(hkv),
+                                                       static_cast<int>(d), page_size);
+  }
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    TVM_FFI_THROW(RuntimeError) << "mlcq_kv_transpose_append: launch failed: " << cudaGetErrorString(err);
+  }
+}
+
 }  // namespace
 }  // namespace mlcq_rope
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_rope, mlcq_rope::RopeDirect);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_rope_make, mlcq_rope::Make);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_kv_transpose_append, mlcq_rope::KvTransposeAppend);

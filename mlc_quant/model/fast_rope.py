@@ -18,6 +18,11 @@ Supported: CUDA target, float16, head_dim 64 or 128, rotary_dim == head_dim, the
 
 ``MLC_QUANT_ROPE`` picks the kernel when the caller does not: ``auto`` (default: this kernel where
 supported), ``tir`` (TVM's), ``cuda`` (this one; an error where unsupported).
+
+The next step of ``AttentionWithFusedQKV``, the append of k/v to the pages (``f_transpose_append``,
+TVM's TIR ``tir_kv_cache_transpose_append``, one element per thread), goes with it to
+``mlcq_kv_transpose_append`` (rope.cu, same signature: an ``ExternFunc`` in the slot; 16-byte
+copies); ``MLC_QUANT_KV_APPEND=tir`` keeps TVM's append alone.
 """
 from __future__ import annotations
 
@@ -30,8 +35,10 @@ from tvm import relax as rx
 from tvm.target import Target
 
 ROPE_MAKE = "mlcq_rope_make"
+KV_APPEND = "mlcq_kv_transpose_append"
 SUPPORTED_HEAD_DIMS = (64, 128)
 _TIR_SPLIT_ROTARY = "tir_split_rotary"
+_TIR_KV_APPEND = ("kv_cache_transpose_append", "tir_kv_cache_transpose_append")
 CHOICES = ("auto", "tir", "cuda")
 
 
@@ -44,6 +51,7 @@ class RopePlan:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    kv_append: bool = True  # also swap kv_cache_transpose_append for mlcq_kv_transpose_append
 
 
 def fast_rope_supported(target: Target, dtype: str, num_heads: int, num_kv_heads: int, head_dim: int,
@@ -85,33 +93,42 @@ def plan_rope(choice: Optional[str] = None, **kv_cache_kwargs) -> Optional[RopeP
         if choice == "cuda":
             raise ValueError(f"the CUDA RoPE kernel does not support {why}")
         return None
+    append = (os.environ.get("MLC_QUANT_KV_APPEND") or "cuda").lower()
+    if append not in ("cuda", "tir"):
+        raise ValueError(f"MLC_QUANT_KV_APPEND={append!r}: expected cuda or tir")
     return RopePlan(float(kw["rope_theta"]), float(kw["rope_scale"]), int(kw["num_attention_heads"]),
-                    int(kw["num_key_value_heads"]), int(kw["qk_head_dim"]))
+                    int(kw["num_key_value_heads"]), int(kw["qk_head_dim"]), append == "cuda")
 
 
 def swap_split_rotary(call: rx.Call, plan: Optional[RopePlan]) -> rx.Call:
     """The ``paged_attention_kv_cache_create`` call with ``tir_split_rotary`` replaced by
-    ``mlcq_rope_make(...)`` (unchanged if ``plan`` is None)."""
+    ``mlcq_rope_make(...)`` and (``plan.kv_append``) ``kv_cache_transpose_append`` by
+    ``mlcq_kv_transpose_append`` (unchanged if ``plan`` is None)."""
     if plan is None:
         return call
-    args, swapped = list(call.args), 0
+    args, swapped, appends = list(call.args), 0, 0
     for i, a in enumerate(args):
         if isinstance(a, tvm.ir.GlobalVar) and a.name_hint == _TIR_SPLIT_ROTARY:
             args[i] = rx.call_pure_packed(
                 ROPE_MAKE, rx.prim_value(plan.theta), rx.prim_value(plan.scale), rx.prim_value(plan.num_heads),
                 rx.prim_value(plan.num_kv_heads), rx.prim_value(plan.head_dim), ty_args=rx.AnyType())
             swapped += 1
-    if swapped != 1:
-        raise RuntimeError(f"fast RoPE: found {swapped} {_TIR_SPLIT_ROTARY} arguments (TVM's layout changed?)")
+        elif plan.kv_append and isinstance(a, tvm.ir.GlobalVar) and a.name_hint in _TIR_KV_APPEND:
+            args[i] = rx.ExternFunc(KV_APPEND)
+            appends += 1
+    if swapped != 1 or appends != int(plan.kv_append):
+        raise RuntimeError(f"fast RoPE: found {swapped} {_TIR_SPLIT_ROTARY} and {appends} {_TIR_KV_APPEND[0]} "
+                           "arguments (TVM's layout changed?)")
     return rx.Call(call.op, args, call.attrs, call.ty_args)
 
 
-def uses_fast_rope(mod: tvm.IRModule) -> bool:
-    """Whether a Relax module calls ``mlcq_rope_make`` (the library must link the kernels)."""
+def uses_fast_rope(mod: tvm.IRModule, symbol: str = ROPE_MAKE) -> bool:
+    """Whether a Relax module calls ``mlcq_rope_make`` (or ``symbol``, e.g. ``KV_APPEND``): the
+    library must link the kernels."""
     found = []
 
     def visit(e):
-        if isinstance(e, rx.ExternFunc) and str(e.global_symbol) == ROPE_MAKE:
+        if isinstance(e, rx.ExternFunc) and str(e.global_symbol) == symbol:
             found.append(e)
 
     for _, func in mod.functions_items():
@@ -122,4 +139,4 @@ def uses_fast_rope(mod: tvm.IRModule) -> bool:
     return False
 
 
-__all__ = ["ROPE_MAKE", "RopePlan", "fast_rope_supported", "plan_rope", "swap_split_rotary", "uses_fast_rope"]
+__all__ = ["KV_APPEND", "ROPE_MAKE", "RopePlan", "fast_rope_supported", "plan_rope", "swap_split_rotary", "uses_fast_rope"]

@@ -2,12 +2,14 @@
 (mlc_quant/model/fast_rope.py).
 
 CPU, in CI (needs nvcc and the full TVM; no GPU):
-  * the kernel compiles with the other kernels, links, exports ``mlcq_rope`` / ``mlcq_rope_make``
-    and rejects bad arguments;
+  * the kernels compile with the other kernels, link, export ``mlcq_rope`` / ``mlcq_rope_make`` /
+    ``mlcq_kv_transpose_append`` and reject bad arguments;
   * a CUDA fp16 export of a Llama with head_dim 64 or 128 puts ``mlcq_rope_make(theta, scale, Hq,
     Hkv, D)`` in the KV cache's ``f_split_rotary`` slot (auto); CPU / fp32 / head_dim 16 /
     llama3 RoPE scaling / ``MLC_QUANT_ROPE=tir`` / ``prefill_attention="tir"`` keep TVM's
-    ``tir_split_rotary``; the tiny model's CUDA build links the kernel into its library.
+    ``tir_split_rotary``; the append slot gets ``mlcq_kv_transpose_append`` with it
+    (``MLC_QUANT_KV_APPEND=tir`` keeps TVM's append alone); the tiny model's CUDA build links the
+    kernels into its library.
 GPU (skipped without a CUDA device; needs torch for device memory):
   * the kernel against a numpy float64 RoPE (exact angles) on random data: lengths 1, 7, 2048,
     head_dim 64 and 128, GQA (8 q / 2 kv heads), contiguous, offset and random positions, scale
@@ -19,8 +21,11 @@ GPU (skipped without a CUDA device; needs torch for device memory):
     default schedule, TVM's nvcc flags: --use_fast_math, as rope.cu) on the same data: at most 1
     fp16 ulp apart (ulp at the larger magnitude), both within the reference tolerance, and v and
     the apply_rope=0 outputs bit-identical;
-  * the tiny Llama (head_dim 64, GQA) CUDA build with this kernel against the same build with TVM's
-    RoPE and the fp32 CPU build: logits of a 150-token prefill, of a 37-token second chunk and
+  * ``mlcq_kv_transpose_append`` (the k/v append to the pages, also in rope.cu) against a numpy
+    scatter and TVM's TIR ``tir_kv_cache_transpose_append``: bit-identical pages (shuffled slots,
+    -1 entries skipped, vector and scalar paths), lengths 1, 7, 2048 and 300, head_dim 64 and 128;
+  * the tiny Llama (head_dim 64, GQA) CUDA build with these kernels against the same build with TVM's
+    RoPE and append (``MLC_QUANT_ROPE=tir``) and the fp32 CPU build: logits of a 150-token prefill, of a 37-token second chunk and
     greedy tokens.
   The GPU side needs only TVM's runtime: ``python python/tests/test_cuda_rope.py make-gpu-bundle
   DIR`` builds everything here; set MLC_QUANT_ROPE_BUNDLE=DIR there.
@@ -40,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_cuda_attention import run_tiny, tiny_config, tiny_prompt, tiny_weights  # noqa: E402
 from test_cuda_kernels import _full_tvm, _nvcc  # noqa: E402
 
-MAKE, DIRECT = "mlcq_rope_make", "mlcq_rope"
+MAKE, DIRECT, APPEND = "mlcq_rope_make", "mlcq_rope", "mlcq_kv_transpose_append"
 # name: (q heads, kv heads, head_dim, theta, scale)
 TIR_CASES = {"llama7b": (32, 32, 128, 1e4, 1.0), "gqa64": (8, 2, 64, 1e5, 1.0), "gqa128": (8, 2, 128, 5e5, 0.25)}
 ULP_EXP = 10  # relative output tolerance 2^-10
@@ -101,7 +106,7 @@ def test_kernel_compiles_links_and_rejects_bad_arguments(tmp_path):
     assert any(Path(p).stem == "mlcq_rope" for p in objs)
     lib = build_shared_library(tmp_path / "libk.so", objs)
     nm = subprocess.run(["nm", "-D", "--defined-only", lib], capture_output=True, text=True, check=True).stdout
-    assert f"__tvm_ffi_{MAKE}" in nm and f"__tvm_ffi_{DIRECT}" in nm
+    assert f"__tvm_ffi_{MAKE}" in nm and f"__tvm_ffi_{DIRECT}" in nm and f"__tvm_ffi_{APPEND}" in nm
     m = tvm_ffi.load_module(lib)
     qkv = np.zeros((3, 12, 64), np.float16)
     q, kv = np.zeros((3, 8, 64), np.float16), np.zeros((3, 2, 64), np.float16)
@@ -118,6 +123,11 @@ def test_kernel_compiles_links_and_rejects_bad_arguments(tmp_path):
         m[MAKE](0.0, 1.0, 8, 2, 64)
     with pytest.raises(Exception, match="float16"):
         m[DIRECT](t(qkv.astype(np.float32)), t(pos), t(q), t(kv), t(kv), 1, 1e4, 1.0)
+    pages = np.zeros((4, 2, 2, 16, 64), np.float16)
+    with pytest.raises(Exception, match="CUDA"):
+        m[APPEND](t(pages), t(kv), t(kv), t(pos))
+    with pytest.raises(Exception, match=r"pages must be .*\[pages, 2, 2, page_size, 64\]"):
+        m[APPEND](t(pages[:, :, :1]), t(kv), t(kv), t(pos))
 
 
 @needs_build
@@ -135,7 +145,7 @@ def test_kv_cache_uses_cuda_rope_where_supported(monkeypatch):
         cfg = tiny_config(hd)
         mod, _ = export_model(cfg, "float16", cuda)
         relax.analysis.well_formed(mod)
-        assert uses_fast_rope(mod) and not _tir_rope_slot(mod)
+        assert uses_fast_rope(mod) and not _tir_rope_slot(mod) and uses_fast_rope(mod, APPEND)
         assert _rope_make_calls(mod) == [(cfg.rope_theta, 1.0, cfg.num_attention_heads, cfg.num_key_value_heads, hd)]
     llama3 = tiny_config(64)
     llama3.rope_scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -146,6 +156,11 @@ def test_kv_cache_uses_cuda_rope_where_supported(monkeypatch):
                                   (tiny_config(64), "float16", cuda, "tir")]:
         mod, _ = export_model(cfg, dtype, tgt, prefill_attention=attn)
         assert _tir_rope_slot(mod) and not uses_fast_rope(mod) and not _rope_make_calls(mod)
+        assert not uses_fast_rope(mod, APPEND)
+    monkeypatch.setenv("MLC_QUANT_KV_APPEND", "tir")  # RoPE kernel, TVM's append
+    mod, _ = export_model(tiny_config(64), "float16", cuda)
+    assert uses_fast_rope(mod) and not uses_fast_rope(mod, APPEND)
+    monkeypatch.delenv("MLC_QUANT_KV_APPEND")
     monkeypatch.setenv("MLC_QUANT_ROPE", "tir")
     mod, _ = export_model(tiny_config(64), "float16", cuda)
     assert _tir_rope_slot(mod) and not uses_fast_rope(mod)
@@ -219,6 +234,27 @@ def build_tir_rope(out: Path, name: str, heads: int, kv_heads: int, d: int, thet
     return Path(cd.export_library(ex, str(out / f"tir_rope_{name}.so"), target=target))
 
 
+def build_tir_append(out: Path, name: str, kv_heads: int, d: int) -> Path:
+    """TVM's TIR ``tir_kv_cache_transpose_append`` (page size 16) the same way, as ``tir_append``."""
+    import tvm  # pylint: disable=import-outside-toplevel
+    from tvm.relax.frontend.nn.llm._page_kernels import (  # pylint: disable=import-outside-toplevel
+        _kv_cache_transpose_append,
+    )
+    from tvm.s_tir import dlight as dl  # pylint: disable=import-outside-toplevel
+
+    from mlc_quant import cuda_dispatch as cd  # pylint: disable=import-outside-toplevel
+    from mlc_quant.build import parse_target  # pylint: disable=import-outside-toplevel
+
+    target = parse_target("cuda")
+    f = _kv_cache_transpose_append(kv_heads, d, "float16")
+    mod = tvm.IRModule({"tir_append": f.with_attr("global_symbol", "tir_append")})
+    with target:
+        mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+                                      dl.gpu.Fallback())(mod)
+    ex = tvm.compile(mod, target)
+    return Path(cd.export_library(ex, str(out / f"tir_append_{name}.so"), target=target))
+
+
 def make_gpu_bundle(out_dir: str) -> None:
     from mlc_quant.kernels import build_shared_library  # pylint: disable=import-outside-toplevel
     from mlc_quant.model.llama import export_model  # pylint: disable=import-outside-toplevel
@@ -231,6 +267,7 @@ def make_gpu_bundle(out_dir: str) -> None:
     print("[make-gpu-bundle] kernels", flush=True)
     for name, case in TIR_CASES.items():
         build_tir_rope(out, name, *case)
+        build_tir_append(out, name, case[1], case[2])
         print(f"[make-gpu-bundle] TIR rope {name}", flush=True)
     build_tiny(out)
     w = tiny_weights()
@@ -438,6 +475,75 @@ def test_gpu_kernel_matches_tvm_tir_rope(kernels, name, n):
                                                                                                    hq, hkv, 0)
     for a, b in zip(ours0, tir0):
         np.testing.assert_array_equal(a, b)
+
+
+PAGE = 16
+
+
+def make_append(n, hkv, d, seed, num_pages=None):
+    """k, v, a position map (shuffled slots, every 5th token -1: not appended) and the pages."""
+    rng = np.random.default_rng(seed)
+    num_pages = num_pages or (n + PAGE - 1) // PAGE + 2
+    k = rng.standard_normal((n, hkv, d)).astype(np.float16)
+    v = rng.standard_normal((n, hkv, d)).astype(np.float16)
+    pos = rng.permutation(num_pages * PAGE)[:n].astype(np.int32)
+    pos[::5] = -1
+    pages = rng.standard_normal((num_pages, 2, hkv, PAGE, d)).astype(np.float16)
+    return pages, k, v, pos
+
+
+def append_reference(pages, k, v, pos):
+    out = pages.copy()
+    for t, p in enumerate(pos):
+        if p != -1:
+            out[p // PAGE, 0, :, p % PAGE] = k[t]
+            out[p // PAGE, 1, :, p % PAGE] = v[t]
+    return out
+
+
+def run_append_ours(fn, pages, k, v, pos, misalign=False):
+    torch = _torch_cuda()
+    if misalign:  # the scalar kernel
+        flat = torch.empty(k.size + 1, dtype=torch.float16, device="cuda")
+        flat[1:] = torch.from_numpy(k.reshape(-1)).cuda()
+        tk = flat[1:].view(k.shape)
+    else:
+        tk = torch.from_numpy(k).cuda()
+    tp = torch.from_numpy(pages).cuda()
+    fn(tp, tk, torch.from_numpy(v).cuda(), torch.from_numpy(pos).cuda())
+    torch.cuda.synchronize()
+    return tp.cpu().numpy()
+
+
+@needs_gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("n", [1, 7, 2048])
+def test_gpu_kv_append_matches_numpy(kernels, n, d):
+    pages, k, v, pos = make_append(n, 2, d, seed=n + d)
+    ref = append_reference(pages, k, v, pos)
+    np.testing.assert_array_equal(run_append_ours(kernels[APPEND], pages, k, v, pos), ref)
+    np.testing.assert_array_equal(run_append_ours(kernels[APPEND], pages, k, v, pos, misalign=True), ref)
+
+
+@needs_gpu
+@needs_bundle
+@pytest.mark.parametrize("name", list(TIR_CASES))
+def test_gpu_kv_append_matches_tvm_tir(kernels, name):
+    import tvm  # pylint: disable=import-outside-toplevel
+
+    from mlc_quant.cuda_runtime import prepare_cuda_runtime  # pylint: disable=import-outside-toplevel
+
+    prepare_cuda_runtime()
+    _, hkv, d, _, _ = TIR_CASES[name]
+    pages, k, v, pos = make_append(300, hkv, d, seed=2)
+    fn = tvm.runtime.load_module(str(_bundle() / f"tir_append_{name}.so"))["tir_append"]
+    dev = tvm.cuda(0)
+    tpages = tvm.runtime.tensor(pages, dev)
+    fn(tpages, tvm.runtime.tensor(k, dev), tvm.runtime.tensor(v, dev), tvm.runtime.tensor(pos, dev))
+    dev.sync()
+    tir = tpages.numpy()
+    np.testing.assert_array_equal(tir, append_reference(pages, k, v, pos))
+    np.testing.assert_array_equal(run_append_ours(kernels[APPEND], pages, k, v, pos), tir)
 
 
 @needs_gpu
