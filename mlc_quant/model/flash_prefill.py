@@ -9,9 +9,10 @@ with CUDA-core FMAs (~6 TFLOP/s on an H100, 73 % of Llama-2-7B's 2048-token pref
 the TIR kernel's arguments, and it runs mlc_quant/kernels/attention.cu (FlashAttention-2 style,
 mma.sync), linked into the exported library with the GEMM kernels
 (:func:`mlc_quant.cuda_dispatch.dispatch_gemms` attaches them when the module references it).
-The RoPE split (``tir_split_rotary``) becomes mlc_quant's CUDA kernel too where supported
-(:mod:`mlc_quant.model.fast_rope`, ``MLC_QUANT_ROPE``). Every other function (paged prefill,
-decode, merge, copies) stays TVM's.
+The RoPE split (``tir_split_rotary``) and the k/v append to the pages (``kv_cache_transpose_append``)
+become mlc_quant's CUDA kernels too where supported (:mod:`mlc_quant.model.fast_rope`,
+``MLC_QUANT_ROPE``, ``MLC_QUANT_KV_APPEND``). Every other function (paged prefill, decode, merge,
+copies) stays TVM's unless another module swaps it.
 
 Supported: CUDA target, float16, MHA with head_dim 64 or 128, RopeMode.NORMAL (RoPE applied
 before attention), any GQA ratio, causal or not. Anything else keeps the TIR kernel.
