@@ -673,8 +673,10 @@ def dispatch_gemms(mod: tvm.IRModule, *, strict: bool = False, attach_kernels: b
     logged: TVM's own CUDA GEMMs are an order of magnitude slower than these kernels).
     ``attach_kernels=False`` leaves the kernel objects out (attach :func:`kernel_modules` yourself).
     ``norm_act`` (default: on unless ``MLC_QUANT_NORM_ACT=tvm``): float16 RMSNorm (+ residual add)
-    and SiLU * up go to mlc_quant/kernels/norm_act.cu too (passes/offload_norm_act.py).
+    and SiLU * up go to mlc_quant/kernels/norm_act.cu too (passes/offload_norm_act.py), with the
+    W8A8 activation quantize that follows them (passes/fuse_act_quantize.py).
     """
+    from mlc_quant.passes.fuse_act_quantize import FuseActQuantize  # pylint: disable=import-outside-toplevel
     from mlc_quant.passes.offload_norm_act import OffloadNormAct, uses_norm_act  # pylint: disable=import-outside-toplevel
 
     mod = relax.transform.ConvertToDataflow()(mod)
@@ -683,8 +685,8 @@ def dispatch_gemms(mod: tvm.IRModule, *, strict: bool = False, attach_kernels: b
         if env not in ("kernels", "tvm"):
             raise ValueError(f"MLC_QUANT_NORM_ACT={env!r}: expected 'kernels' (default) or 'tvm'")
         norm_act = env == "kernels"
-    if norm_act:
-        mod = OffloadNormAct()(mod)
+    if norm_act:  # the W8A8 activation quantize then moves into those kernels
+        mod = FuseActQuantize()(OffloadNormAct()(mod))
     mod = relax.transform.FuseOpsByPattern(fusion_patterns(), bind_constants=False, annotate_codegen=True)(mod)
     for note in _slow_path_shapes(mod):
         logger.warning("mlc_quant: %s runs on the cuBLASLt/CUDA-core fallback, not the fused CUTLASS kernel", note)

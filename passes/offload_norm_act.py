@@ -197,7 +197,7 @@ class OffloadNormAct:  # pylint: disable=too-few-public-methods
 
 def uses_norm_act(mod: IRModule) -> bool:
     """True if a function of ``mod`` calls one of the norm_act.cu kernels."""
-    names = (RMS_NORM, ADD_RMS_NORM, SILU_MUL)
+    names = tuple(k + suffix for k in (RMS_NORM, ADD_RMS_NORM, SILU_MUL) for suffix in ("", "_q", "_qt"))
     found = []
 
     def visit(e):

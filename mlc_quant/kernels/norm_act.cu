@@ -11,8 +11,19 @@
 //   mlcq_silu_mul(gate_up [.., 2I], out [.., I])
 //       out = fp16(silu(float(g)) * float(u)), g = gate_up[.., :I], u = gate_up[.., I:]
 //
+// W8A8 variants write the int8 input of the next linear instead of the fp16 output (the quantize
+// that would read it back is fused; passes/fuse_act_quantize.py), bit-identical to
+// quantizing the fp16 output with kernels.cu's quantize kernels:
+//   *_q  (static per-tensor, Relax quantize): q = clamp(rint(y / s) + z, -128, 127)
+//        mlcq_rms_norm_q(x, w, eps, s, z, q), mlcq_add_rms_norm_q(a, b, w, eps, s, z, sum, q),
+//        mlcq_silu_mul_q(gate_up, s, z, q)                       (s: float32 [], z: int8 [])
+//   *_qt (dynamic per-token, smq_q8i8f16_3): s_row = max(max|y| / 127, eps), q = clamp(rint(y / s_row))
+//        mlcq_rms_norm_qt(x, w, eps, tok_eps, q, s_row), mlcq_add_rms_norm_qt(a, b, w, eps, tok_eps,
+//        sum, q, s_row), mlcq_silu_mul_qt(gate_up, tok_eps, q, s_row)  (s_row: float32 [.., 1])
+// where y is the fp16-rounded norm / SiLU * up output.
+//
 // Requirements (checked; the Relax pass only rewrites shapes that meet them): float16, compact,
-// 16-byte aligned, H % 8 == 0 and H <= 32768, I % 8 == 0.
+// 16-byte aligned, H % 8 == 0 and H <= 32768, I % 8 == 0 (I <= 16384 for mlcq_silu_mul_qt).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <tvm/ffi/container/tensor.h>
@@ -59,12 +70,99 @@ __device__ __forceinline__ float BlockSum(float v, float* smem) {
   return v;  // every thread holds the block's sum
 }
 
+__device__ __forceinline__ float BlockMax(float v, float* smem) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  const int n_warps = (blockDim.x + 31) >> 5;
+  v = lane < n_warps ? smem[lane] : 0.f;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// kernels.cu's quantize arithmetic (x / s correctly rounded with a reciprocal + one fma, rint).
+__device__ __forceinline__ int8_t QuantOne(float x, float s, float r, float z, float lo) {
+  const float y = x * r;
+  float q = rintf(fmaf(fmaf(-y, s, x), r, y)) + z;
+  q = fminf(fmaxf(q, lo), 127.f);
+  return static_cast<int8_t>(static_cast<int>(q));
+}
+
+__device__ __forceinline__ void StoreQ8(int8_t* dst, const uint4& h, float s, float r, float z, float lo) {
+  float f[kVec];
+  Unpack(h, f);
+  int8_t o[kVec];
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) o[j] = QuantOne(f[j], s, r, z, lo);
+  *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(o);
+}
+
+__device__ __forceinline__ float AbsMax8(const uint4& h, float m) {
+  float f[kVec];
+  Unpack(h, f);
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) m = fmaxf(m, fabsf(f[j]));
+  return m;
+}
+
+// Where a W8A8 kernel writes: int8 q [rows, H] and, per token, s_row [rows].
+struct QuantOut {
+  int8_t* q = nullptr;
+  const float* s = nullptr;    // static: the scale (device scalar)
+  const int8_t* z = nullptr;   // static: the zero point (device scalar)
+  const float* eps = nullptr;  // per token: the scale floor (device scalar)
+  float* s_row = nullptr;      // per token: the scales written
+};
+
+constexpr int kFp16Out = 0, kStatic = 1, kPerToken = 2;
+
+// The last step of a row kernel: y[i] (fp16-rounded outputs, kMaxC chunks per thread) to fp16 or
+// int8 (static, or per token with the block max).
+template <int kQuant, int kMaxC>
+__device__ __forceinline__ void WriteRow(const uint4 (&y)[kMaxC], int64_t row, int chunks, uint4* out,
+                                         const QuantOut& qo, float* smem) {
+  if constexpr (kQuant == kFp16Out) {
+#pragma unroll
+    for (int i = 0; i < kMaxC; ++i) {
+      const int c = threadIdx.x + i * blockDim.x;
+      if (c < chunks) out[row * chunks + c] = y[i];
+    }
+    return;
+  }
+  float s, z = 0.f, lo = -127.f;
+  if constexpr (kQuant == kStatic) {
+    s = qo.s[0];
+    z = static_cast<float>(qo.z[0]);
+    lo = -128.f;
+  } else {
+    float m = 0.f;
+#pragma unroll
+    for (int i = 0; i < kMaxC; ++i) {
+      const int c = threadIdx.x + i * blockDim.x;
+      if (c < chunks) m = AbsMax8(y[i], m);
+    }
+    s = fmaxf(BlockMax(m, smem) / 127.f, qo.eps[0]);
+    if (threadIdx.x == 0) qo.s_row[row] = s;
+  }
+  const float r = 1.f / s;
+  int8_t* qr = qo.q + row * static_cast<int64_t>(chunks) * kVec;
+#pragma unroll
+  for (int i = 0; i < kMaxC; ++i) {
+    const int c = threadIdx.x + i * blockDim.x;
+    if (c < chunks) StoreQ8(qr + c * kVec, y[i], s, r, z, lo);
+  }
+}
+
 // One row per block; the row stays in registers (kMaxChunks 16-byte chunks per thread).
-template <bool kAdd>
+template <bool kAdd, int kQuant>
 __global__ void RmsNormKernel(const uint4* __restrict__ a, const uint4* __restrict__ b, const uint4* __restrict__ w,
                               uint4* __restrict__ sum_out, uint4* __restrict__ out, int chunks, float inv_h,
-                              float eps) {
+                              float eps, QuantOut qo) {
   __shared__ float smem[32];
+  __shared__ float smem_max[32];
   const int64_t row = blockIdx.x;
   const uint4* ar = a + row * chunks;
   uint4 x[kMaxChunks];
@@ -99,23 +197,57 @@ __global__ void RmsNormKernel(const uint4* __restrict__ a, const uint4* __restri
       Unpack(__ldg(w + c), g);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) f[j] = f[j] * r * g[j];
-      out[row * chunks + c] = Pack(f);
+      x[i] = Pack(f);  // the fp16 output (rounded once)
+    }
+  }
+  WriteRow<kQuant, kMaxChunks>(x, row, chunks, out, qo, smem_max);
+}
+
+__device__ __forceinline__ uint4 SiluMul8(const uint4& gv, const uint4& uv) {
+  float g[kVec], u[kVec];
+  Unpack(gv, g);
+  Unpack(uv, u);
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) g[j] = g[j] / (1.f + __expf(-g[j])) * u[j];
+  return Pack(g);
+}
+
+// Element-wise (fp16 out or static int8): a grid-stride loop over 16-byte chunks.
+template <int kQuant>
+__global__ void SiluMulKernel(const uint4* __restrict__ gu, uint4* __restrict__ out, int64_t rows, int chunks,
+                              QuantOut qo) {
+  const int64_t total = rows * chunks;
+  float s = 1.f, z = 0.f;
+  if constexpr (kQuant == kStatic) {
+    s = qo.s[0];
+    z = static_cast<float>(qo.z[0]);
+  }
+  const float r = 1.f / s;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = i / chunks, c = i - row * chunks;
+    const uint4 y = SiluMul8(__ldg(gu + row * 2 * chunks + c), __ldg(gu + row * 2 * chunks + chunks + c));
+    if constexpr (kQuant == kFp16Out) {
+      out[i] = y;
+    } else {
+      StoreQ8(qo.q + i * kVec, y, s, r, z, -128.f);
     }
   }
 }
 
-__global__ void SiluMulKernel(const uint4* __restrict__ gu, uint4* __restrict__ out, int64_t rows, int chunks) {
-  const int64_t total = rows * chunks;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = i / chunks, c = i - row * chunks;
-    float g[kVec], u[kVec];
-    Unpack(__ldg(gu + row * 2 * chunks + c), g);
-    Unpack(__ldg(gu + row * 2 * chunks + chunks + c), u);
+// Per-token int8: one row per block (the row max needs the whole row), kMaxSiluChunks per thread.
+constexpr int kSiluThreads = 256, kMaxSiluChunks = 8;
+
+__global__ void SiluMulRowKernel(const uint4* __restrict__ gu, int chunks, QuantOut qo) {
+  __shared__ float smem_max[32];
+  const int64_t row = blockIdx.x;
+  uint4 y[kMaxSiluChunks];
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) g[j] = g[j] / (1.f + __expf(-g[j])) * u[j];
-    out[i] = Pack(g);
+  for (int i = 0; i < kMaxSiluChunks; ++i) {
+    const int c = threadIdx.x + i * blockDim.x;
+    if (c < chunks) y[i] = SiluMul8(__ldg(gu + row * 2 * chunks + c), __ldg(gu + row * 2 * chunks + chunks + c));
   }
+  WriteRow<kPerToken, kMaxSiluChunks>(y, row, chunks, nullptr, qo, smem_max);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -129,6 +261,10 @@ const uint4* In(const TensorView& t) {
 uint4* Out(const TensorView& t) {
   return reinterpret_cast<uint4*>(static_cast<char*>(t.data_ptr()) + t.byte_offset());
 }
+template <typename T>
+T* Ptr(const TensorView& t) {
+  return reinterpret_cast<T*>(static_cast<char*>(t.data_ptr()) + t.byte_offset());
+}
 
 int64_t Rows(const TensorView& t) {
   int64_t n = 1;
@@ -136,81 +272,183 @@ int64_t Rows(const TensorView& t) {
   return n;
 }
 
-void CheckHalf(const TensorView& t, const char* fn, const char* what, int64_t last, int64_t rows) {
-  if (t.dtype().code != kDLFloat || t.dtype().bits != 16 || t.dtype().lanes != 1 || t.ndim() < 1) {
-    TVM_FFI_THROW(ValueError) << fn << ": " << what << " must be a float16 tensor";
+void CheckTensor(const TensorView& t, const char* fn, const char* what, DLDataTypeCode code, int bits,
+                 const char* dtype_name, int64_t last, int64_t rows, int align = 16) {
+  if (t.dtype().code != code || t.dtype().bits != bits || t.dtype().lanes != 1) {
+    TVM_FFI_THROW(ValueError) << fn << ": " << what << " must be a " << dtype_name << " tensor";
   }
   if (t.device().device_type != kDLCUDA) {
     TVM_FFI_THROW(ValueError) << fn << ": " << what << " must be on a CUDA device";
   }
-  if (!t.IsContiguous() || reinterpret_cast<uintptr_t>(In(t)) % 16 != 0) {
-    TVM_FFI_THROW(ValueError) << fn << ": " << what << " must be contiguous and 16-byte aligned";
+  if (!t.IsContiguous() || reinterpret_cast<uintptr_t>(In(t)) % align != 0) {
+    TVM_FFI_THROW(ValueError) << fn << ": " << what << " must be contiguous and " << align << "-byte aligned";
   }
-  if (t.shape()[t.ndim() - 1] != last || (rows >= 0 && Rows(t) != rows)) {
-    TVM_FFI_THROW(ValueError) << fn << ": " << what << " has shape inconsistent with the input";
+  int64_t n = 1;
+  for (int i = 0; i < t.ndim(); ++i) n *= t.shape()[i];
+  const bool bad_last = last >= 0 && (t.ndim() < 1 || t.shape()[t.ndim() - 1] != last);
+  const bool bad_rows = rows >= 0 && (last >= 0 ? Rows(t) != rows : n != rows);
+  if (bad_last || bad_rows) {
+    TVM_FFI_THROW(ValueError) << fn << ": " << what << " has a shape inconsistent with the input";
   }
+}
+
+void CheckHalf(const TensorView& t, const char* fn, const char* what, int64_t last, int64_t rows) {
+  CheckTensor(t, fn, what, kDLFloat, 16, "float16", last, rows);
+}
+
+// The int8 output and its scalars / per-row scales of a W8A8 variant.
+QuantOut MakeQuantOut(const char* fn, int quant, const TensorView& q, const TensorView* s, const TensorView* z,
+                      const TensorView* eps, const TensorView* s_row, int64_t h, int64_t rows) {
+  QuantOut qo;
+  if (quant == kFp16Out) return qo;
+  CheckTensor(q, fn, "int8 output", kDLInt, 8, "int8", h, rows, 8);
+  qo.q = Ptr<int8_t>(q);
+  if (quant == kStatic) {
+    CheckTensor(*s, fn, "scale", kDLFloat, 32, "float32", -1, 1, 4);
+    CheckTensor(*z, fn, "zero point", kDLInt, 8, "int8", -1, 1, 1);
+    qo.s = Ptr<const float>(*s);
+    qo.z = Ptr<const int8_t>(*z);
+  } else {
+    CheckTensor(*eps, fn, "token eps", kDLFloat, 32, "float32", -1, 1, 4);
+    CheckTensor(*s_row, fn, "token scale output", kDLFloat, 32, "float32", -1, rows, 4);
+    qo.eps = Ptr<const float>(*eps);
+    qo.s_row = Ptr<float>(*s_row);
+  }
+  return qo;
 }
 
 void Check(cudaError_t err, const char* fn) {
   if (err != cudaSuccess) TVM_FFI_THROW(RuntimeError) << fn << ": launch failed: " << cudaGetErrorString(err);
 }
 
-void LaunchRmsNorm(const char* fn, const TensorView& a, const TensorView* b, const TensorView& w, double eps,
-                   const TensorView* sum_out, const TensorView& out) {
-  const int64_t h = a.shape()[a.ndim() - 1], rows = Rows(a);
-  if (h % kVec != 0 || h > 32768) {
-    TVM_FFI_THROW(ValueError) << fn << ": hidden size " << h << " must be a multiple of 8 and <= 32768";
+cudaStream_t StreamOf(const TensorView& t) {
+  return static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, t.device().device_id));
+}
+
+template <bool kAdd, int kQuant>
+void LaunchRmsNormT(int64_t rows, int threads, cudaStream_t stream, const TensorView& a, const TensorView* b,
+                    const TensorView& w, float inv_h, double eps, const TensorView* sum_out,
+                    const TensorView* out, const QuantOut& qo, int chunks) {
+  RmsNormKernel<kAdd, kQuant><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+      In(a), b ? In(*b) : nullptr, In(w), sum_out ? Out(*sum_out) : nullptr, out ? Out(*out) : nullptr, chunks,
+      inv_h, static_cast<float>(eps), qo);
+}
+
+// quant: kFp16Out (out given), kStatic (q, s, z given), kPerToken (q, tok_eps, s_row given).
+void LaunchRmsNorm(const char* fn, int quant, const TensorView& a, const TensorView* b, const TensorView& w,
+                   double eps, const TensorView* sum_out, const TensorView* out, const TensorView* q,
+                   const TensorView* s, const TensorView* z, const TensorView* tok_eps, const TensorView* s_row) {
+  const int64_t h = a.ndim() >= 1 ? a.shape()[a.ndim() - 1] : 0, rows = Rows(a);
+  if (h % kVec != 0 || h > 32768 || h == 0) {
+    TVM_FFI_THROW(ValueError) << fn << ": hidden size " << h << " must be a positive multiple of 8, <= 32768";
   }
   CheckHalf(a, fn, "x", h, -1);
   if (b != nullptr) CheckHalf(*b, fn, "residual", h, rows);
   CheckHalf(w, fn, "weight", h, 1);
   if (sum_out != nullptr) CheckHalf(*sum_out, fn, "sum output", h, rows);
-  CheckHalf(out, fn, "output", h, rows);
+  if (out != nullptr) CheckHalf(*out, fn, "output", h, rows);
+  const QuantOut qo = MakeQuantOut(fn, quant, q ? *q : a, s, z, tok_eps, s_row, h, rows);
   if (rows == 0) return;
   if (rows > 0x7fffffff) TVM_FFI_THROW(ValueError) << fn << ": too many rows (" << rows << ")";
   const int chunks = static_cast<int>(h / kVec);
   int threads = 32;
   while (threads * kMaxChunks < chunks) threads *= 2;  // <= 1024 since h <= 32768
   threads = threads < 128 && chunks >= 128 ? 128 : threads;
-  cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, a.device().device_id));
+  cudaStream_t stream = StreamOf(a);
   const float inv_h = 1.f / static_cast<float>(h);
+#define MLCQ_RMS(ADD, Q) LaunchRmsNormT<ADD, Q>(rows, threads, stream, a, b, w, inv_h, eps, sum_out, out, qo, chunks)
   if (b != nullptr) {
-    RmsNormKernel<true><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
-        In(a), In(*b), In(w), Out(*sum_out), Out(out), chunks, inv_h, static_cast<float>(eps));
+    if (quant == kFp16Out) MLCQ_RMS(true, kFp16Out);
+    else if (quant == kStatic) MLCQ_RMS(true, kStatic);
+    else MLCQ_RMS(true, kPerToken);
   } else {
-    RmsNormKernel<false><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
-        In(a), nullptr, In(w), nullptr, Out(out), chunks, inv_h, static_cast<float>(eps));
+    if (quant == kFp16Out) MLCQ_RMS(false, kFp16Out);
+    else if (quant == kStatic) MLCQ_RMS(false, kStatic);
+    else MLCQ_RMS(false, kPerToken);
   }
+#undef MLCQ_RMS
   Check(cudaGetLastError(), fn);
 }
 
 void RmsNorm(TensorView x, TensorView w, double eps, TensorView out) {
-  LaunchRmsNorm("mlcq_rms_norm", x, nullptr, w, eps, nullptr, out);
+  LaunchRmsNorm("mlcq_rms_norm", kFp16Out, x, nullptr, w, eps, nullptr, &out, nullptr, nullptr, nullptr, nullptr,
+                nullptr);
+}
+void AddRmsNorm(TensorView a, TensorView b, TensorView w, double eps, TensorView sum_out, TensorView out) {
+  LaunchRmsNorm("mlcq_add_rms_norm", kFp16Out, a, &b, w, eps, &sum_out, &out, nullptr, nullptr, nullptr, nullptr,
+                nullptr);
+}
+void RmsNormQ(TensorView x, TensorView w, double eps, TensorView s, TensorView z, TensorView q) {
+  LaunchRmsNorm("mlcq_rms_norm_q", kStatic, x, nullptr, w, eps, nullptr, nullptr, &q, &s, &z, nullptr, nullptr);
+}
+void AddRmsNormQ(TensorView a, TensorView b, TensorView w, double eps, TensorView s, TensorView z,
+                 TensorView sum_out, TensorView q) {
+  LaunchRmsNorm("mlcq_add_rms_norm_q", kStatic, a, &b, w, eps, &sum_out, nullptr, &q, &s, &z, nullptr, nullptr);
+}
+void RmsNormQt(TensorView x, TensorView w, double eps, TensorView tok_eps, TensorView q, TensorView s_row) {
+  LaunchRmsNorm("mlcq_rms_norm_qt", kPerToken, x, nullptr, w, eps, nullptr, nullptr, &q, nullptr, nullptr, &tok_eps,
+                &s_row);
+}
+void AddRmsNormQt(TensorView a, TensorView b, TensorView w, double eps, TensorView tok_eps, TensorView sum_out,
+                  TensorView q, TensorView s_row) {
+  LaunchRmsNorm("mlcq_add_rms_norm_qt", kPerToken, a, &b, w, eps, &sum_out, nullptr, &q, nullptr, nullptr, &tok_eps,
+                &s_row);
 }
 
-void AddRmsNorm(TensorView a, TensorView b, TensorView w, double eps, TensorView sum_out, TensorView out) {
-  LaunchRmsNorm("mlcq_add_rms_norm", a, &b, w, eps, &sum_out, out);
+int SmCount(int device) {
+  static int cached[64] = {0};
+  if (device < 0 || device >= 64) return 132;
+  if (cached[device] == 0) {
+    int n = 0;
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
+    cached[device] = n > 0 ? n : 132;
+  }
+  return cached[device];
+}
+
+void LaunchSiluMul(const char* fn, int quant, const TensorView& gate_up, const TensorView* out, const TensorView* q,
+                   const TensorView* s, const TensorView* z, const TensorView* tok_eps, const TensorView* s_row) {
+  const int64_t two_i = gate_up.ndim() >= 1 ? gate_up.shape()[gate_up.ndim() - 1] : 0, rows = Rows(gate_up);
+  if (two_i % (2 * kVec) != 0 || two_i == 0) {
+    TVM_FFI_THROW(ValueError) << fn << ": width " << two_i << " must be a positive multiple of 16";
+  }
+  const int chunks = static_cast<int>(two_i / 2 / kVec);
+  if (quant == kPerToken && chunks > kSiluThreads * kMaxSiluChunks) {
+    TVM_FFI_THROW(ValueError) << fn << ": intermediate size " << two_i / 2 << " above "
+                              << kSiluThreads * kMaxSiluChunks * kVec;
+  }
+  CheckHalf(gate_up, fn, "gate_up", two_i, -1);
+  if (out != nullptr) CheckHalf(*out, fn, "output", two_i / 2, rows);
+  const QuantOut qo = MakeQuantOut(fn, quant, q ? *q : gate_up, s, z, tok_eps, s_row, two_i / 2, rows);
+  const int64_t total = rows * chunks;
+  if (total == 0) return;
+  cudaStream_t stream = StreamOf(gate_up);
+  if (quant == kPerToken) {
+    if (rows > 0x7fffffff) TVM_FFI_THROW(ValueError) << fn << ": too many rows (" << rows << ")";
+    SiluMulRowKernel<<<static_cast<unsigned>(rows), kSiluThreads, 0, stream>>>(In(gate_up), chunks, qo);
+  } else {
+    const int threads = 256;
+    int64_t blocks = (total + threads - 1) / threads;
+    const int64_t cap = static_cast<int64_t>(SmCount(gate_up.device().device_id)) * 8;
+    if (blocks > cap) blocks = cap;
+    uint4* o = out ? Out(*out) : nullptr;
+    if (quant == kFp16Out) {
+      SiluMulKernel<kFp16Out><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(In(gate_up), o, rows, chunks, qo);
+    } else {
+      SiluMulKernel<kStatic><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(In(gate_up), o, rows, chunks, qo);
+    }
+  }
+  Check(cudaGetLastError(), fn);
 }
 
 void SiluMul(TensorView gate_up, TensorView out) {
-  const char* fn = "mlcq_silu_mul";
-  const int64_t two_i = gate_up.shape()[gate_up.ndim() - 1], rows = Rows(gate_up);
-  if (two_i % (2 * kVec) != 0) {
-    TVM_FFI_THROW(ValueError) << fn << ": width " << two_i << " must be a multiple of 16";
-  }
-  CheckHalf(gate_up, fn, "gate_up", two_i, -1);
-  CheckHalf(out, fn, "output", two_i / 2, rows);
-  const int chunks = static_cast<int>(two_i / 2 / kVec);
-  const int64_t total = rows * chunks;
-  if (total == 0) return;
-  int dev_sms = 132;
-  cudaDeviceGetAttribute(&dev_sms, cudaDevAttrMultiProcessorCount, gate_up.device().device_id);
-  const int threads = 256;
-  int64_t blocks = (total + threads - 1) / threads;
-  if (blocks > static_cast<int64_t>(dev_sms) * 8) blocks = static_cast<int64_t>(dev_sms) * 8;
-  cudaStream_t stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, gate_up.device().device_id));
-  SiluMulKernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(In(gate_up), Out(out), rows, chunks);
-  Check(cudaGetLastError(), fn);
+  LaunchSiluMul("mlcq_silu_mul", kFp16Out, gate_up, &out, nullptr, nullptr, nullptr, nullptr, nullptr);
+}
+void SiluMulQ(TensorView gate_up, TensorView s, TensorView z, TensorView q) {
+  LaunchSiluMul("mlcq_silu_mul_q", kStatic, gate_up, nullptr, &q, &s, &z, nullptr, nullptr);
+}
+void SiluMulQt(TensorView gate_up, TensorView tok_eps, TensorView q, TensorView s_row) {
+  LaunchSiluMul("mlcq_silu_mul_qt", kPerToken, gate_up, nullptr, &q, nullptr, nullptr, &tok_eps, &s_row);
 }
 
 }  // namespace
@@ -219,3 +457,9 @@ void SiluMul(TensorView gate_up, TensorView out) {
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_rms_norm, mlcq_norm_act::RmsNorm);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_add_rms_norm, mlcq_norm_act::AddRmsNorm);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_silu_mul, mlcq_norm_act::SiluMul);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_rms_norm_q, mlcq_norm_act::RmsNormQ);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_add_rms_norm_q, mlcq_norm_act::AddRmsNormQ);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_silu_mul_q, mlcq_norm_act::SiluMulQ);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_rms_norm_qt, mlcq_norm_act::RmsNormQt);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_add_rms_norm_qt, mlcq_norm_act::AddRmsNormQt);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_silu_mul_qt, mlcq_norm_act::SiluMulQt);

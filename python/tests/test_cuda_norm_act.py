@@ -5,6 +5,8 @@ kernel library comes from MLC_QUANT_KERNEL_LIB or is built here (nvcc).
   * against numpy in float64 on fresh random data, rows 1 .. 2048, hidden 8 .. 11008: the residual
     sum bit-exact (fp16 rounding of a + b, as R.add), the norm and SiLU * up within 2 fp16 ulps of
     the float64 value (|err| <= 2^-9 |ref| + 1e-6); an all-zero row normalizes to 0 (finite);
+  * the W8A8 variants (_q static, _qt per token) write exactly the int8 values (and row scales)
+    that quantizing the fp16 kernels' output in float32 numpy gives (a zero row: scale = eps);
   * bad arguments raise with the function's name.
 The Relax rewrite that calls them: test_norm_act.py.
 """
@@ -101,3 +103,89 @@ def test_gpu_bad_arguments(klib):
     x = torch.zeros((2, 16), dtype=torch.float32, device="cuda")
     with pytest.raises(Exception, match="mlcq_silu_mul.*float16"):
         klib["mlcq_silu_mul"](x, torch.zeros((2, 8), dtype=torch.float32, device="cuda"))
+
+
+def _ref_quant_static(y, s, z):
+    q = np.rint(y.astype(np.float32) / np.float32(s)) + np.float32(z)  # float32 division, ties to even
+    return np.clip(q, -128, 127).astype(np.int8)
+
+
+def _ref_quant_token(y, eps):
+    yf = y.astype(np.float32)
+    s = np.maximum(np.abs(yf).max(-1, keepdims=True) / np.float32(127), np.float32(eps)).astype(np.float32)
+    return np.clip(np.rint(yf / s), -127, 127).astype(np.int8), s
+
+
+@needs_gpu
+@pytest.mark.parametrize("rows,hidden", [(1, 4096), (7, 576), (300, 4096), (3, 11008), (4, 8)])
+def test_gpu_norm_quant_variants_equal_unfused(klib, rows, hidden):
+    """The _q / _qt kernels write exactly what quantizing the fp16 kernels' output gives."""
+    torch = _torch_cuda()
+    rng = np.random.default_rng()
+    a = (rng.standard_normal((1, rows, hidden)) * rng.uniform(0.1, 30)).astype(np.float16)
+    b = (rng.standard_normal((1, rows, hidden)) * 0.5).astype(np.float16)
+    w = rng.uniform(0.2, 2.0, hidden).astype(np.float16)
+    a[0, 0] = 0  # an all-zero row: the per-token scale is eps, q is 0
+    b[0, 0] = 0
+    da, db, dw = (torch.from_numpy(v).cuda() for v in (a, b, w))
+    s, z, eps_tok = np.float32(rng.uniform(0.005, 0.05)), np.int8(rng.integers(-30, 30)), np.float32(1e-8)
+    ds, dz, deps = (torch.tensor(v).cuda() for v in (s, z, eps_tok))
+    y = torch.empty_like(da)
+    sum_ref = torch.empty_like(da)
+    klib["mlcq_add_rms_norm"](da, db, dw, 1e-5, sum_ref, y)
+    y_add = y.cpu().numpy()
+    klib["mlcq_rms_norm"](da, dw, 1e-5, y)
+    y_one = y.cpu().numpy()
+    q = torch.empty(da.shape, dtype=torch.int8, device="cuda")
+    s_row = torch.empty((1, rows, 1), dtype=torch.float32, device="cuda")
+    sum_out = torch.full_like(da, float("nan"))
+    klib["mlcq_add_rms_norm_q"](da, db, dw, 1e-5, ds, dz, sum_out, q)
+    np.testing.assert_array_equal(sum_out.cpu().numpy(), sum_ref.cpu().numpy())
+    np.testing.assert_array_equal(q.cpu().numpy(), _ref_quant_static(y_add, s, z))
+    klib["mlcq_rms_norm_q"](da, dw, 1e-5, ds, dz, q)
+    np.testing.assert_array_equal(q.cpu().numpy(), _ref_quant_static(y_one, s, z))
+    klib["mlcq_add_rms_norm_qt"](da, db, dw, 1e-5, deps, sum_out, q, s_row)
+    want_q, want_s = _ref_quant_token(y_add, eps_tok)
+    np.testing.assert_array_equal(s_row.cpu().numpy(), want_s)
+    np.testing.assert_array_equal(q.cpu().numpy(), want_q)
+    assert want_s[0, 0, 0] == eps_tok and (want_q[0, 0] == 0).all()
+    klib["mlcq_rms_norm_qt"](da, dw, 1e-5, deps, q, s_row)
+    want_q, want_s = _ref_quant_token(y_one, eps_tok)
+    np.testing.assert_array_equal(s_row.cpu().numpy(), want_s)
+    np.testing.assert_array_equal(q.cpu().numpy(), want_q)
+
+
+@needs_gpu
+@pytest.mark.parametrize("rows,inter", [(1, 11008), (300, 11008), (9, 1536), (4, 8), (2, 16384)])
+def test_gpu_silu_quant_variants_equal_unfused(klib, rows, inter):
+    torch = _torch_cuda()
+    rng = np.random.default_rng()
+    gu = (rng.standard_normal((rows, 2 * inter)) * 4).astype(np.float16)
+    dgu = torch.from_numpy(gu).cuda()
+    y = torch.empty((rows, inter), dtype=torch.float16, device="cuda")
+    klib["mlcq_silu_mul"](dgu, y)
+    y = y.cpu().numpy()
+    s, z, eps_tok = np.float32(0.02), np.int8(-7), np.float32(1e-8)
+    ds, dz, deps = (torch.tensor(v).cuda() for v in (s, z, eps_tok))
+    q = torch.empty((rows, inter), dtype=torch.int8, device="cuda")
+    klib["mlcq_silu_mul_q"](dgu, ds, dz, q)
+    np.testing.assert_array_equal(q.cpu().numpy(), _ref_quant_static(y, s, z))
+    s_row = torch.empty((rows, 1), dtype=torch.float32, device="cuda")
+    klib["mlcq_silu_mul_qt"](dgu, deps, q, s_row)
+    want_q, want_s = _ref_quant_token(y, eps_tok)
+    np.testing.assert_array_equal(s_row.cpu().numpy(), want_s)
+    np.testing.assert_array_equal(q.cpu().numpy(), want_q)
+
+
+@needs_gpu
+def test_gpu_quant_variants_reject_bad_arguments(klib):
+    torch = _torch_cuda()
+    gu = torch.zeros((2, 2 * 16392), dtype=torch.float16, device="cuda")  # I = 16392 > the row kernel's 16384
+    with pytest.raises(Exception, match="mlcq_silu_mul_qt.*intermediate size"):
+        klib["mlcq_silu_mul_qt"](gu, torch.tensor(1e-8).cuda(), torch.zeros((2, 16392), dtype=torch.int8, device="cuda"),
+                                 torch.zeros((2, 1), device="cuda"))
+    x = torch.zeros((2, 16), dtype=torch.float16, device="cuda")
+    w = torch.ones((16,), dtype=torch.float16, device="cuda")
+    with pytest.raises(Exception, match="mlcq_rms_norm_q.*scale must be a float32"):
+        klib["mlcq_rms_norm_q"](x, w, 1e-5, torch.tensor(0.5, dtype=torch.float64).cuda(),
+                                torch.tensor(0, dtype=torch.int8).cuda(), torch.zeros((2, 16), dtype=torch.int8, device="cuda"))
