@@ -1,5 +1,6 @@
 """CUDA kernels of mlc_quant: W8A8 GEMMs with fused dequantize (CUTLASS sm90, cuBLASLt), the
-fp16 GEMM of the q0f16 baseline and the prefill attention, exposed as tvm-ffi functions.
+fp16 GEMM of the q0f16 baseline, W8A8 GEMVs, prefill and decode attention, RoPE, RMSNorm and
+SiLU * up, exposed as tvm-ffi functions.
 
 C++ sources live next to this file; :func:`build_kernels` compiles them with nvcc (no GPU
 needed) into PIC objects that a CUDA build links into its exported library.
@@ -18,6 +19,13 @@ Exported tvm-ffi functions (DPS: the output is the last argument):
   output, lse, causal, rotary_mode, rope_scale, rope_theta, sm_scale)``: tensor-core ragged prefill
   attention with the signature of TVM's TIR ``batch_prefill_ragged_kv`` (attention.cu); the KV
   cache of CUDA fp16 builds calls it (mlc_quant/model/flash_prefill.py).
+- ``mlcq_attn_decode_paged(...)``: split-K paged decode attention with the signature of TVM's TIR
+  ``batch_decode_paged_kv`` (decode_attention.cu; the KV cache's decode slot, model/fast_decode.py).
+- ``mlcq_rope_make(theta, scale, Hq, Hkv, D)`` (the KV cache's split + RoPE of the fused q/k/v),
+  ``mlcq_rope``, ``mlcq_kv_transpose_append`` (rope.cu; model/fast_rope.py).
+- ``mlcq_rms_norm``, ``mlcq_add_rms_norm``, ``mlcq_silu_mul`` and their W8A8 ``_q`` (static) /
+  ``_qt`` (per-token) variants writing int8 (norm_act.cu; passes/offload_norm_act.py,
+  passes/fuse_act_quantize.py).
 
 The C++ entry point for generated code is ``mlcq::RunLinear`` (mlcq_api.h); the BYOC wrappers of
 :mod:`mlc_quant.cuda_dispatch` call it. Kernel choice per shape is documented in
