@@ -333,8 +333,13 @@ def kernel_profile(fn, torch, top: int = 25) -> Dict:
     total: Dict[str, float] = {}
     count: Dict[str, int] = {}
     spans = []
+    api: Dict[str, float] = {}  # host side: CUDA runtime / driver calls (CUPTI records them too)
+    first_api = None
     for e in prof.events():
         if getattr(e, "device_type", None) != DeviceType.CUDA:
+            if str(e.name).startswith(("cuda", "cu", "cublas")):
+                api[e.name] = api.get(e.name, 0.0) + e.time_range.elapsed_us()
+                first_api = e.time_range.start if first_api is None else min(first_api, e.time_range.start)
             continue
         key = kernel_kind(e.name)
         total[key] = total.get(key, 0.0) + e.time_range.elapsed_us()
@@ -355,6 +360,9 @@ def kernel_profile(fn, torch, top: int = 25) -> Dict:
             "span_ms": round((spans[-1][1] - spans[0][0]) / 1e3, 3) if spans else 0.0,
             "idle_ms": round(sum(idle.values()) / 1e3, 3),
             "idle_after": [{"kernel": k, "ms": round(v / 1e3, 3)} for k, v in sorted(idle.items(), key=lambda kv: -kv[1])[:6]],
+            "host_api": [{"call": k, "ms": round(v / 1e3, 3)} for k, v in sorted(api.items(), key=lambda kv: -kv[1])[:6]],
+            "first_api_to_first_kernel_ms": (round((spans[0][0] - first_api) / 1e3, 3)
+                                             if spans and first_api is not None else None),
             "top": [{"kernel": k, "ms": round(v / 1e3, 3), "calls": count[k], "share": round(v / (s or 1.0), 3)}
                     for k, v in rows]}
 
@@ -418,6 +426,17 @@ def run_ours(lib_dir, lengths=PREFILL_LENGTHS, decode_tokens: int = 64, warmup: 
 
         t = _median_time(prefill, dev.sync, warmup, repeat, setup=engine.reset)
         res["prefill"][str(n)] = {"ms": round(t * 1e3, 3), "tokens_per_s": round(n / t, 1)}
+        # How long the host takes to issue the prefill (the call returns before the GPU is done):
+        # close to "ms" means the host, not the GPU, sets the pace.
+        host = []
+        for _ in range(3):
+            engine.reset()
+            dev.sync()
+            t0 = time.perf_counter()
+            prefill()
+            host.append(time.perf_counter() - t0)
+            dev.sync()
+        res["prefill"][str(n)]["host_issue_ms"] = round(statistics.median(host) * 1e3, 3)
         if n == lengths[0]:
             engine.reset()
             logits = prefill()[0].numpy()
