@@ -312,7 +312,7 @@ def kernel_kind(name: str) -> str:
     arguments."""
     import re  # pylint: disable=import-outside-toplevel
 
-    name = re.sub(r"^void ", "", name)
+    name = re.sub(r"^void ", "", name).replace("(anonymous namespace)::", "")
     name = name.split("<", 1)[0].split("(", 1)[0]
     return re.sub(r"\d+(_kernel)?$", r"\1", name)[:120]
 

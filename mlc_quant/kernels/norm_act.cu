@@ -165,13 +165,14 @@ __global__ void RmsNormKernel(const uint4* __restrict__ a, const uint4* __restri
   __shared__ float smem_max[32];
   const int64_t row = blockIdx.x;
   const uint4* ar = a + row * chunks;
-  uint4 x[kMaxChunks];
+  uint4 x[kMaxChunks], wv[kMaxChunks];
   float ss = 0.f;
 #pragma unroll
   for (int i = 0; i < kMaxChunks; ++i) {
     const int c = threadIdx.x + i * blockDim.x;
     if (c < chunks) {
       x[i] = __ldg(ar + c);
+      wv[i] = __ldg(w + c);  // issued now, so the weight is in registers when the sum is known
       if (kAdd) {
         // R.add in float16: each sum rounded to fp16 (what the residual stream holds).
         const uint4 bv = __ldg(b + row * chunks + c);
@@ -194,7 +195,7 @@ __global__ void RmsNormKernel(const uint4* __restrict__ a, const uint4* __restri
     if (c < chunks) {
       float f[kVec], g[kVec];
       Unpack(x[i], f);
-      Unpack(__ldg(w + c), g);
+      Unpack(wv[i], g);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) f[j] = f[j] * r * g[j];
       x[i] = Pack(f);  // the fp16 output (rounded once)

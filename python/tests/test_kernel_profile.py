@@ -23,6 +23,7 @@ def test_kernel_kind_groups_layers_and_templates():
     assert bench.kernel_kind("fused_add3_kernel") == "fused_add_kernel"
     assert bench.kernel_kind("void cutlass::device_kernel<Gemm<1, 2>>(Params)") == "cutlass::device_kernel"
     assert bench.kernel_kind("rms_norm_kernel") == "rms_norm_kernel"
+    assert bench.kernel_kind("void ns::(anonymous namespace)::RmsNorm<true, 2>(P)") == "ns::RmsNorm"
 
 
 def test_sums_and_idle_gaps(monkeypatch):
