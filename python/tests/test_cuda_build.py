@@ -245,9 +245,16 @@ def test_gpu_tiny_w8a8_build_matches_cpu_build(variant):
         assert rel < 1e-3, rel
         return
     # fp16 activations move this tiny W8A8 model's logits by 4.1 % on the CPU too (TVM's llvm
-    # build in fp16 vs fp32, same plan): the GPU must match the fp16 computation closely.
+    # build in fp16 vs fp32, same plan). The CUDA build computes RMSNorm and SiLU * up on
+    # norm_act.cu, in fp32 with one rounding where TVM's fp16 IR rounds SiLU and the product
+    # separately, and this model's static int8 bins amplify such 1-ulp differences: 1.3 % from
+    # the fp16 CPU build on the H200 (0.0 with MLC_QUANT_NORM_ACT=tvm, i.e. TVM's kernels:
+    # docs/performance.md). So: close to the fp16 computation, and no farther from the fp32 one.
     assert rel < 6e-2, rel
-    assert rel16 is None or rel16 < 5e-3, rel16
+    if rel16 is not None:
+        assert rel16 < 2e-2, rel16
+        rel16_cpu = float(np.linalg.norm(ref16 - ref) / np.linalg.norm(ref))
+        assert rel <= 1.05 * rel16_cpu, (rel, rel16_cpu)
 
 
 @needs_gpu
