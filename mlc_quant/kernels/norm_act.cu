@@ -209,7 +209,10 @@ __device__ __forceinline__ uint4 SiluMul8(const uint4& gv, const uint4& uv) {
   Unpack(gv, g);
   Unpack(uv, u);
 #pragma unroll
-  for (int j = 0; j < kVec; ++j) g[j] = g[j] / (1.f + __expf(-g[j])) * u[j];
+  // silu(g) = g / (1 + e^-g): the correctly rounded reciprocal instead of an IEEE division
+  // (a subroutine: it made the W8A8 variant instruction-bound); a very negative g gives
+  // 1 + e^-g = inf, rcp 0 and silu -0, as the division would.
+  for (int j = 0; j < kVec; ++j) g[j] = g[j] * __frcp_rn(1.f + __expf(-g[j])) * u[j];
   return Pack(g);
 }
 
@@ -352,9 +355,11 @@ void LaunchRmsNorm(const char* fn, int quant, const TensorView& a, const TensorV
   if (rows == 0) return;
   if (rows > 0x7fffffff) TVM_FFI_THROW(ValueError) << fn << ": too many rows (" << rows << ")";
   const int chunks = static_cast<int>(h / kVec);
+  // Enough threads that each holds <= 2 chunks where the row allows (more warps to hide the
+  // two reductions' latency), at most kMaxChunks (h <= 32768 keeps it <= 1024 threads).
   int threads = 32;
-  while (threads * kMaxChunks < chunks) threads *= 2;  // <= 1024 since h <= 32768
-  threads = threads < 128 && chunks >= 128 ? 128 : threads;
+  while (threads * 2 < chunks && threads < 1024) threads *= 2;
+  while (threads * kMaxChunks < chunks) threads *= 2;
   cudaStream_t stream = StreamOf(a);
   const float inv_h = 1.f / static_cast<float>(h);
 #define MLCQ_RMS(ADD, Q) LaunchRmsNormT<ADD, Q>(rows, threads, stream, a, b, w, inv_h, eps, sum_out, out, qo, chunks)
@@ -428,9 +433,11 @@ void LaunchSiluMul(const char* fn, int quant, const TensorView& gate_up, const T
     if (rows > 0x7fffffff) TVM_FFI_THROW(ValueError) << fn << ": too many rows (" << rows << ")";
     SiluMulRowKernel<<<static_cast<unsigned>(rows), kSiluThreads, 0, stream>>>(In(gate_up), chunks, qo);
   } else {
+    // One chunk per thread up to 64 waves of the GPU (a grid-stride loop beyond): every load of
+    // a prefill in flight at once.
     const int threads = 256;
     int64_t blocks = (total + threads - 1) / threads;
-    const int64_t cap = static_cast<int64_t>(SmCount(gate_up.device().device_id)) * 8;
+    const int64_t cap = static_cast<int64_t>(SmCount(gate_up.device().device_id)) * 8 * 64;
     if (blocks > cap) blocks = cap;
     uint4* o = out ? Out(*out) : nullptr;
     if (quant == kFp16Out) {
