@@ -12,3 +12,8 @@ __all__ += ["SmoothLinear", "SmoothGroup", "find_smoothing_groups", "QuantizeLin
 from .merge_sibling_linears import MergeSiblingLinears, merge_params, merged_linears
 
 __all__ += ["MergeSiblingLinears", "merge_params", "merged_linears"]
+from .fold_split_concat import FoldSplitConcat
+from .offload_norm_act import OffloadNormAct
+from .fuse_act_quantize import FuseActQuantize
+
+__all__ += ["FoldSplitConcat", "OffloadNormAct", "FuseActQuantize"]

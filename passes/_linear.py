@@ -146,3 +146,21 @@ def module_linears(mod) -> Dict[str, List[LinearSite]]:
             if names:
                 out[gvar.name_hint] = find_linears(gvar.name_hint, func, weight_names=names)
     return out
+
+
+def calls_extern(mod, symbols) -> bool:
+    """Whether a Relax function of ``mod`` references an ``ExternFunc`` named in ``symbols`` (a
+    name or names): the exported library must then link the kernels that define it."""
+    names = {symbols} if isinstance(symbols, str) else set(symbols)
+    found = []
+
+    def visit(e):
+        if not found and isinstance(e, relax.ExternFunc) and str(e.global_symbol) in names:
+            found.append(e)
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+            if found:
+                return True
+    return False

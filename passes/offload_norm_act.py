@@ -27,7 +27,7 @@ import tvm.sym
 from tvm import IRModule, relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._linear import bindings_of
+from ._linear import bindings_of, calls_extern
 
 RMS_NORM, ADD_RMS_NORM, SILU_MUL = "mlcq_rms_norm", "mlcq_add_rms_norm", "mlcq_silu_mul"
 MAX_HIDDEN = 32768
@@ -197,16 +197,4 @@ class OffloadNormAct:  # pylint: disable=too-few-public-methods
 
 def uses_norm_act(mod: IRModule) -> bool:
     """True if a function of ``mod`` calls one of the norm_act.cu kernels."""
-    names = tuple(k + suffix for k in (RMS_NORM, ADD_RMS_NORM, SILU_MUL) for suffix in ("", "_q", "_qt"))
-    found = []
-
-    def visit(e):
-        if (_is_call(e, "relax.call_dps_packed") and isinstance(e.args[0], relax.ExternFunc)
-                and str(e.args[0].global_symbol) in names):
-            found.append(e)
-
-    for _, f in mod.functions_items():
-        if isinstance(f, relax.Function):
-            relax.analysis.post_order_visit(f, visit)
-    return bool(found)
-
+    return calls_extern(mod, [k + suffix for k in (RMS_NORM, ADD_RMS_NORM, SILU_MUL) for suffix in ("", "_q", "_qt")])

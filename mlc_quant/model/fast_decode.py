@@ -33,6 +33,8 @@ from tvm import relax as rx
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
 from tvm.target import Target
 
+from mlc_quant.passes._linear import calls_extern
+
 DECODE_KERNEL = "mlcq_attn_decode_paged"
 SUPPORTED_HEAD_DIMS = (64, 128)
 MAX_GROUP = 8
@@ -122,18 +124,7 @@ def with_fast_decode(cache_cls: type) -> type:
 
 def uses_fast_decode(mod: tvm.IRModule) -> bool:
     """Whether a Relax module's KV cache calls ``mlcq_attn_decode_paged``."""
-    found = []
-
-    def visit(e):
-        if isinstance(e, rx.ExternFunc) and str(e.global_symbol) == DECODE_KERNEL:
-            found.append(e)
-
-    for _, func in mod.functions_items():
-        if isinstance(func, rx.Function):
-            rx.analysis.post_order_visit(func, visit)
-            if found:
-                return True
-    return False
+    return calls_extern(mod, DECODE_KERNEL)
 
 
 __all__ = ["DECODE_KERNEL", "fast_decode_supported", "plan_decode", "swap_decode", "uses_fast_decode",

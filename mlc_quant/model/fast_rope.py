@@ -34,6 +34,8 @@ import tvm
 from tvm import relax as rx
 from tvm.target import Target
 
+from mlc_quant.passes._linear import calls_extern
+
 ROPE_MAKE = "mlcq_rope_make"
 KV_APPEND = "mlcq_kv_transpose_append"
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -125,18 +127,7 @@ def swap_split_rotary(call: rx.Call, plan: Optional[RopePlan]) -> rx.Call:
 def uses_fast_rope(mod: tvm.IRModule, symbol: str = ROPE_MAKE) -> bool:
     """Whether a Relax module calls ``mlcq_rope_make`` (or ``symbol``, e.g. ``KV_APPEND``): the
     library must link the kernels."""
-    found = []
-
-    def visit(e):
-        if isinstance(e, rx.ExternFunc) and str(e.global_symbol) == symbol:
-            found.append(e)
-
-    for _, func in mod.functions_items():
-        if isinstance(func, rx.Function):
-            rx.analysis.post_order_visit(func, visit)
-            if found:
-                return True
-    return False
+    return calls_extern(mod, symbol)
 
 
 __all__ = ["KV_APPEND", "ROPE_MAKE", "RopePlan", "fast_rope_supported", "plan_rope", "swap_split_rotary", "uses_fast_rope"]

@@ -30,6 +30,8 @@ from tvm import relax as rx
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 from tvm.target import Target
 
+from mlc_quant.passes._linear import calls_extern
+
 from .fast_rope import plan_rope, swap_split_rotary
 
 PREFILL_KERNEL = "mlcq_attn_prefill_ragged"
@@ -106,18 +108,7 @@ class FlashPrefillKVCache(TIRPagedKVCache, _SwapRaggedPrefill):  # pylint: disab
 
 def uses_flash_prefill(mod: tvm.IRModule) -> bool:
     """Whether a Relax module's KV cache calls ``mlcq_attn_prefill_ragged`` (the library must link it)."""
-    found = []
-
-    def visit(e):
-        if isinstance(e, rx.ExternFunc) and str(e.global_symbol) == PREFILL_KERNEL:
-            found.append(e)
-
-    for _, func in mod.functions_items():
-        if isinstance(func, rx.Function):
-            rx.analysis.post_order_visit(func, visit)
-            if found:
-                return True
-    return False
+    return calls_extern(mod, PREFILL_KERNEL)
 
 
 __all__ = [

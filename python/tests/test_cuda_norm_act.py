@@ -12,35 +12,17 @@ The Relax rewrite that calls them: test_norm_act.py.
 """
 from __future__ import annotations
 
-import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-
-def _torch_cuda():
-    try:
-        import torch  # pylint: disable=import-outside-toplevel
-    except Exception:  # pylint: disable=broad-except
-        return None
-    return torch if torch.cuda.is_available() else None
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-needs_gpu = pytest.mark.skipif(_torch_cuda() is None, reason="needs a CUDA GPU (and torch for device memory)")
-
-
-@pytest.fixture(scope="module")
-def klib(tmp_path_factory):
-    import tvm_ffi  # pylint: disable=import-outside-toplevel
-
-    path = os.environ.get("MLC_QUANT_KERNEL_LIB")
-    if not path:
-        from mlc_quant.kernels import build_shared_library, find_nvcc  # pylint: disable=import-outside-toplevel
-
-        if find_nvcc() is None:
-            pytest.skip("set MLC_QUANT_KERNEL_LIB or install nvcc to build the kernels")
-        path = build_shared_library(tmp_path_factory.mktemp("k") / "libmlc_quant_kernels.so")
-    return tvm_ffi.load_module(path)
+# the GEMM kernels' tests' GPU probe and kernel library fixture (runtime-only TVM imports them)
+from test_cuda_kernels import _torch_cuda, klib, needs_gpu  # noqa: E402,F401  pylint: disable=unused-import
 
 
 def _close(out, ref, what):

@@ -135,20 +135,11 @@ def test_second_user_or_dynamic_scale_is_kept():
 
 @pytest.mark.parametrize("scheme_name", ["q0f16", "smq_q8i8f16_0", "smq_q8i8f16_1", "smq_q8i8f16_2", "smq_q8i8f16_3"])
 def test_llama_fuses_every_norm_and_silu_before_a_linear(scheme_name):
-    from test_merge_linears import _tiny_config  # pylint: disable=import-outside-toplevel
+    from test_norm_act import merged_tiny_llama  # pylint: disable=import-outside-toplevel
 
-    from mlc_quant import pipeline  # pylint: disable=import-outside-toplevel
-    from mlc_quant.bench import synthetic_plan  # pylint: disable=import-outside-toplevel
-    from mlc_quant.build import parse_target  # pylint: disable=import-outside-toplevel
-    from mlc_quant.model.llama import export_model  # pylint: disable=import-outside-toplevel
     from mlc_quant.passes.offload_norm_act import OffloadNormAct  # pylint: disable=import-outside-toplevel
-    from mlc_quant.schemes import get_scheme  # pylint: disable=import-outside-toplevel
 
-    config = _tiny_config()
-    scheme = get_scheme(scheme_name)
-    mod, names = export_model(config, "float16", parse_target("cuda"))
-    qmod = synthetic_plan(mod, names, scheme).apply(mod) if scheme.quantizes else mod
-    qmod, _, _ = pipeline.merge_linears(qmod, {}, scheme)
+    config, scheme, qmod = merged_tiny_llama(scheme_name)
     qmod = OffloadNormAct()(qmod)
     out, fused = _run(qmod)
     layers = config.num_hidden_layers

@@ -98,8 +98,9 @@ def test_left_to_tvm(kw):
         tvm.ir.assert_structural_equal(out, mod)
 
 
-@pytest.mark.parametrize("scheme_name", ["q0f16", "smq_q8i8f16_3"])
-def test_llama_module_offloads_norms_and_silu(scheme_name):
+def merged_tiny_llama(scheme_name):
+    """The tiny Llama exported for CUDA in fp16, the scheme's IR (synthetic plan), linears merged:
+    (config, scheme, module) as dispatch_gemms receives it."""
     from test_merge_linears import _tiny_config  # pylint: disable=import-outside-toplevel
 
     from mlc_quant import pipeline  # pylint: disable=import-outside-toplevel
@@ -112,7 +113,12 @@ def test_llama_module_offloads_norms_and_silu(scheme_name):
     scheme = get_scheme(scheme_name)
     mod, names = export_model(config, "float16", parse_target("cuda"))
     qmod = synthetic_plan(mod, names, scheme).apply(mod) if scheme.quantizes else mod
-    qmod, _, _ = pipeline.merge_linears(qmod, {}, scheme)
+    return config, scheme, pipeline.merge_linears(qmod, {}, scheme)[0]
+
+
+@pytest.mark.parametrize("scheme_name", ["q0f16", "smq_q8i8f16_3"])
+def test_llama_module_offloads_norms_and_silu(scheme_name):
+    config, _, qmod = merged_tiny_llama(scheme_name)
     out, counts = _run(qmod)
     layers = config.num_hidden_layers
     # per function over a symbolic number of tokens (prefill): the first norm alone, then add +
