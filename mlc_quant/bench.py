@@ -9,8 +9,10 @@ kernels, not accuracy), dispatch every GEMM to the external kernels, compile, an
 Run (GPU machine, TVM runtime only): for each built library, make seeded random weights directly
 on the GPU (torch when present, else numpy; 7B weights never travel), then measure in one process
 on one card: prefill tokens/s at 128/512/2048 input tokens, decode tokens/s at batch 1, weight
-bytes and peak device memory; a per-op breakdown through the VM's instrument hook; and the same
-config in Hugging Face transformers (torch fp16, eager and torch.compile) as the reference.
+bytes and peak device memory; a per-op breakdown through the VM's instrument hook and a
+kernel-level one (CUPTI via torch.profiler: device time per kernel, GPU idle gaps, host-side CUDA
+API time; plus each prefill's host issue time); and the same config in Hugging Face transformers
+(torch fp16, eager and torch.compile) as the reference.
 
 Timing: device work is asynchronous, so every timed region ends with a device synchronize; each
 number is the median of ``repeat`` runs after ``warmup`` runs; prefill starts from an empty KV
