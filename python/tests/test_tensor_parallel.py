@@ -150,8 +150,12 @@ def test_sharded_cuda_module_offloads_every_gemm(scheme_name, merge):
         if scheme.act == "per_token_sym":
             fused_scale = [c for c in calls if "relax_abs_relax_max" in c]
             given_scale = [c for c in calls if "relax_abs_relax_max" not in c]
-            assert len(given_scale) == 2 * layers  # o_proj, down_proj (row-parallel)
-            assert len(fused_scale) == (per_layer - 2) * layers + 1
+            # o_proj, down_proj (row-parallel: their absmax is all-reduced); in prefill also the
+            # linears whose norm hands them int8 x and the per-token scales (FuseActQuantize: a
+            # norm with one consumer, i.e. merged q/k/v and gate/up, and the LM head)
+            fused_norm = ((2 * layers if merge else 0) + 1) if fn == "prefill" else 0
+            assert len(given_scale) == 2 * layers + fused_norm, (fn, given_scale)
+            assert len(fused_scale) == (per_layer - 2) * layers + 1 - fused_norm
             # their absmax (before the all-reduce) runs as the scheduled row kernel, not dlight's
             # fallback (cuda_dispatch.schedule_row_absmax)
             assert len(rowmax) == 2 * layers
