@@ -26,7 +26,7 @@ from tvm import IRModule, relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from ._linear import bindings_of, users_of
-from .offload_norm_act import ADD_RMS_NORM, RMS_NORM, SILU_MUL
+from .offload_norm_act import ADD_RMS_NORM, RMS_NORM, SILU_MUL, SILU_MUL2
 
 SILU_MAX_PER_TOKEN = 16384  # norm_act.cu's row kernel: 256 threads x 8 chunks x 8
 
@@ -42,7 +42,7 @@ def _is_call(e, name) -> bool:
 def _kernel_of(call) -> Optional[str]:
     if _is_call(call, "relax.call_dps_packed") and isinstance(call.args[0], relax.ExternFunc):
         name = str(call.args[0].global_symbol)
-        return name if name in (RMS_NORM, ADD_RMS_NORM, SILU_MUL) else None
+        return name if name in (RMS_NORM, ADD_RMS_NORM, SILU_MUL, SILU_MUL2) else None
     return None
 
 
@@ -91,7 +91,7 @@ class _Fuser(PyExprMutator):
         if not isinstance(y, relax.Var):
             return None
         val = self.table.get(y)
-        if _kernel_of(val) in (RMS_NORM, SILU_MUL):
+        if _kernel_of(val) in (RMS_NORM, SILU_MUL, SILU_MUL2):
             return y, y, _kernel_of(val)
         if isinstance(val, relax.TupleGetItem) and val.index == 1 and isinstance(val.tuple_value, relax.Var):
             t = val.tuple_value
@@ -152,7 +152,7 @@ class _Fuser(PyExprMutator):
         if src is None:
             return None
         call_var, out_var, kernel = src
-        if kernel == SILU_MUL and int(dims[-1]) > SILU_MAX_PER_TOKEN:
+        if kernel in (SILU_MUL, SILU_MUL2) and int(dims[-1]) > SILU_MAX_PER_TOKEN:
             return None
         # the chain's intermediates are used by the chain alone (st may also feed the dequantize)
         if not self.only_user(out_var, xf_var) or set(self.users.get(xf_var, [])) != {abs_var, div_var}:
@@ -209,8 +209,7 @@ class _Fuser(PyExprMutator):
     def _emit_fused(self, site: _Site, call: relax.Call) -> None:
         args = [self.visit_expr(a) for a in call.args[1].fields] + list(site.scalars)
         per_token = site.st_var is not None
-        name = {RMS_NORM: "mlcq_rms_norm", ADD_RMS_NORM: "mlcq_add_rms_norm", SILU_MUL: "mlcq_silu_mul"}[site.kind]
-        name += "_qt" if per_token else "_q"
+        name = site.kind + ("_qt" if per_token else "_q")
         outs = [site.q_var.ty] + ([site.st_var.ty] if per_token else [])
         if site.kind == ADD_RMS_NORM:
             outs = [site.call_var.ty.fields[0]] + outs

@@ -11,7 +11,9 @@ norm). Rewrites, on high-level Relax before dispatch (CUDA builds, float16 only)
   ``s = t[0]``, ``n = t[1]`` (``s``, the residual stream, keeps its other users);
 * any other ``rms_norm(x, w, axes=[-1])`` -> ``call_dps_packed("mlcq_rms_norm", (x, w, eps))``;
 * ``multiply(silu(p[0]), p[1])`` with ``p = split(gu, 2, axis=-1)`` (either operand order)
-  -> ``call_dps_packed("mlcq_silu_mul", (gu,))``.
+  -> ``call_dps_packed("mlcq_silu_mul", (gu,))``; ``multiply(silu(g), u)`` of two tensors (gate
+  and up not merged, e.g. tensor-parallel shards) -> ``mlcq_silu_mul2(g, u)``: the same
+  arithmetic either way, so merged and unmerged builds agree.
 
 Only static last dims that are multiples of 8 (16 for ``2 I``) are rewritten, up to 32768 for the
 norm, and only where the row count is symbolic or at least ``MIN_ROWS`` (prefill; decode's single
@@ -20,7 +22,7 @@ output (SiLU is computed in fp32, where TVM's float16 ``silu`` rounds twice).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import tvm
 import tvm.sym
@@ -30,6 +32,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 from ._linear import bindings_of, calls_extern
 
 RMS_NORM, ADD_RMS_NORM, SILU_MUL = "mlcq_rms_norm", "mlcq_add_rms_norm", "mlcq_silu_mul"
+SILU_MUL2 = "mlcq_silu_mul2"  # gate and up as two tensors (linears not merged)
 MAX_HIDDEN = 32768
 MIN_ROWS = 64
 _ANALYZER = tvm.sym.Analyzer()
@@ -94,7 +97,7 @@ class _Rewriter(PyExprMutator):
         self.table: Dict[relax.Var, relax.Expr] = {}
         self.fused_adds: Dict[relax.Var, relax.Var] = {}  # add var -> the norm var that absorbs it
         self.pending: Dict[relax.Var, relax.Var] = {}  # norm var -> the emitted tuple
-        self.counts = {RMS_NORM: 0, ADD_RMS_NORM: 0, SILU_MUL: 0}
+        self.counts = {RMS_NORM: 0, ADD_RMS_NORM: 0, SILU_MUL: 0, SILU_MUL2: 0}
 
     def value(self, e):
         return self.table.get(e, e) if isinstance(e, relax.Var) else e
@@ -111,7 +114,8 @@ class _Rewriter(PyExprMutator):
                     and _same_type(add.args[0], add.args[1]) and _same_type(add.args[0], src)):
                 self.fused_adds[src] = var
 
-    def _silu_mul_source(self, call: relax.Call) -> Optional[relax.Expr]:
+    def _silu_mul_source(self, call: relax.Call) -> Optional[Tuple[relax.Expr, ...]]:
+        """``(gate_up,)`` for silu(split(gu)[0]) * split(gu)[1], ``(gate, up)`` for two tensors."""
         if not _is_call(call, "relax.multiply"):
             return None
         for act, other in ((call.args[0], call.args[1]), (call.args[1], call.args[0])):
@@ -119,6 +123,10 @@ class _Rewriter(PyExprMutator):
             if not _is_call(silu, "relax.nn.silu"):
                 continue
             g, u = self.value(silu.args[0]), self.value(other)
+            inter = _fp16_last_dim(call)
+            if (not isinstance(g, relax.TupleGetItem) and inter is not None and inter % 8 == 0
+                    and _same_type(silu.args[0], other) and _same_type(other, call) and _many_rows(other)):
+                return silu.args[0], other  # gate and up not merged
             if not (isinstance(g, relax.TupleGetItem) and isinstance(u, relax.TupleGetItem)
                     and g.index == 0 and u.index == 1 and g.tuple_value.same_as(u.tuple_value)):
                 continue
@@ -135,7 +143,7 @@ class _Rewriter(PyExprMutator):
             halves = (isinstance(sections, tvm.tirx.IntImm) and int(sections) == 2) or (
                 not isinstance(sections, tvm.tirx.IntImm) and len(sections) == 1 and int(sections[0]) == width // 2)
             if halves:
-                return gu
+                return (gu,)
         return None
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
@@ -159,10 +167,11 @@ class _Rewriter(PyExprMutator):
             self._bind(var, relax.call_dps_packed(RMS_NORM, args, var.ty))
             self.counts[RMS_NORM] += 1
             return
-        gu = self._silu_mul_source(val) if isinstance(val, relax.Call) else None
-        if gu is not None:
-            self._bind(var, relax.call_dps_packed(SILU_MUL, [self.visit_expr(gu)], var.ty))
-            self.counts[SILU_MUL] += 1
+        src = self._silu_mul_source(val) if isinstance(val, relax.Call) else None
+        if src is not None:
+            kernel = SILU_MUL if len(src) == 1 else SILU_MUL2
+            self._bind(var, relax.call_dps_packed(kernel, [self.visit_expr(e) for e in src], var.ty))
+            self.counts[kernel] += 1
             return
         super().visit_var_binding_(binding)
 
@@ -197,4 +206,5 @@ class OffloadNormAct:  # pylint: disable=too-few-public-methods
 
 def uses_norm_act(mod: IRModule) -> bool:
     """True if a function of ``mod`` calls one of the norm_act.cu kernels."""
-    return calls_extern(mod, [k + suffix for k in (RMS_NORM, ADD_RMS_NORM, SILU_MUL) for suffix in ("", "_q", "_qt")])
+    return calls_extern(mod, [k + suffix for k in (RMS_NORM, ADD_RMS_NORM, SILU_MUL, SILU_MUL2)
+                              for suffix in ("", "_q", "_qt")])

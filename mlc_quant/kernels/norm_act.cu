@@ -10,16 +10,18 @@
 //       sum = fp16(a + b) (the residual stream, as R.add rounds it); out = rms_norm(sum, w)
 //   mlcq_silu_mul(gate_up [.., 2I], out [.., I])
 //       out = fp16(silu(float(g)) * float(u)), g = gate_up[.., :I], u = gate_up[.., I:]
+//   mlcq_silu_mul2(gate [.., I], up [.., I], out [.., I])   the same from two tensors (unmerged)
 //
 // W8A8 variants write the int8 input of the next linear instead of the fp16 output (the quantize
 // that would read it back is fused; passes/fuse_act_quantize.py), bit-identical to
 // quantizing the fp16 output with kernels.cu's quantize kernels:
 //   *_q  (static per-tensor, Relax quantize): q = clamp(rint(y / s) + z, -128, 127)
 //        mlcq_rms_norm_q(x, w, eps, s, z, q), mlcq_add_rms_norm_q(a, b, w, eps, s, z, sum, q),
-//        mlcq_silu_mul_q(gate_up, s, z, q)                       (s: float32 [], z: int8 [])
+//        mlcq_silu_mul_q(gate_up, s, z, q), mlcq_silu_mul2_q(gate, up, s, z, q)  (s: float32 [], z: int8 [])
 //   *_qt (dynamic per-token, smq_q8i8f16_3): s_row = max(max|y| / 127, eps), q = clamp(rint(y / s_row))
 //        mlcq_rms_norm_qt(x, w, eps, tok_eps, q, s_row), mlcq_add_rms_norm_qt(a, b, w, eps, tok_eps,
-//        sum, q, s_row), mlcq_silu_mul_qt(gate_up, tok_eps, q, s_row)  (s_row: float32 [.., 1])
+//        sum, q, s_row), mlcq_silu_mul_qt(gate_up, tok_eps, q, s_row), mlcq_silu_mul2_qt(gate, up, tok_eps,
+//        q, s_row)  (s_row: float32 [.., 1])
 // where y is the fp16-rounded norm / SiLU * up output.
 //
 // Requirements (checked; the Relax pass only rewrites shapes that meet them): float16, compact,
@@ -218,8 +220,8 @@ __device__ __forceinline__ uint4 SiluMul8(const uint4& gv, const uint4& uv) {
 
 // Element-wise (fp16 out or static int8): a grid-stride loop over 16-byte chunks.
 template <int kQuant>
-__global__ void SiluMulKernel(const uint4* __restrict__ gu, uint4* __restrict__ out, int64_t rows, int chunks,
-                              QuantOut qo) {
+__global__ void SiluMulKernel(const uint4* __restrict__ g, const uint4* __restrict__ u, int64_t stride,
+                              uint4* __restrict__ out, int64_t rows, int chunks, QuantOut qo) {
   const int64_t total = rows * chunks;
   float s = 1.f, z = 0.f;
   if constexpr (kQuant == kStatic) {
@@ -230,7 +232,7 @@ __global__ void SiluMulKernel(const uint4* __restrict__ gu, uint4* __restrict__ 
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t row = i / chunks, c = i - row * chunks;
-    const uint4 y = SiluMul8(__ldg(gu + row * 2 * chunks + c), __ldg(gu + row * 2 * chunks + chunks + c));
+    const uint4 y = SiluMul8(__ldg(g + row * stride + c), __ldg(u + row * stride + c));
     if constexpr (kQuant == kFp16Out) {
       out[i] = y;
     } else {
@@ -242,14 +244,15 @@ __global__ void SiluMulKernel(const uint4* __restrict__ gu, uint4* __restrict__ 
 // Per-token int8: one row per block (the row max needs the whole row), kMaxSiluChunks per thread.
 constexpr int kSiluThreads = 256, kMaxSiluChunks = 8;
 
-__global__ void SiluMulRowKernel(const uint4* __restrict__ gu, int chunks, QuantOut qo) {
+__global__ void SiluMulRowKernel(const uint4* __restrict__ g, const uint4* __restrict__ u, int64_t stride, int chunks,
+                                 QuantOut qo) {
   __shared__ float smem_max[32];
   const int64_t row = blockIdx.x;
   uint4 y[kMaxSiluChunks];
 #pragma unroll
   for (int i = 0; i < kMaxSiluChunks; ++i) {
     const int c = threadIdx.x + i * blockDim.x;
-    if (c < chunks) y[i] = SiluMul8(__ldg(gu + row * 2 * chunks + c), __ldg(gu + row * 2 * chunks + chunks + c));
+    if (c < chunks) y[i] = SiluMul8(__ldg(g + row * stride + c), __ldg(u + row * stride + c));
   }
   WriteRow<kPerToken, kMaxSiluChunks>(y, row, chunks, nullptr, qo, smem_max);
 }
@@ -412,26 +415,34 @@ int SmCount(int device) {
   return cached[device];
 }
 
-void LaunchSiluMul(const char* fn, int quant, const TensorView& gate_up, const TensorView* out, const TensorView* q,
-                   const TensorView* s, const TensorView* z, const TensorView* tok_eps, const TensorView* s_row) {
-  const int64_t two_i = gate_up.ndim() >= 1 ? gate_up.shape()[gate_up.ndim() - 1] : 0, rows = Rows(gate_up);
-  if (two_i % (2 * kVec) != 0 || two_i == 0) {
-    TVM_FFI_THROW(ValueError) << fn << ": width " << two_i << " must be a positive multiple of 16";
+// gate_up [.., 2I] (merged; up == nullptr) or gate [.., I] and up [.., I] (two tensors).
+void LaunchSiluMul(const char* fn, int quant, const TensorView& gate_up, const TensorView* up, const TensorView* out,
+                   const TensorView* q, const TensorView* s, const TensorView* z, const TensorView* tok_eps,
+                   const TensorView* s_row) {
+  const int64_t width = gate_up.ndim() >= 1 ? gate_up.shape()[gate_up.ndim() - 1] : 0, rows = Rows(gate_up);
+  const int64_t inter = up == nullptr ? width / 2 : width;
+  if (inter % kVec != 0 || inter == 0 || (up == nullptr && width % 2 != 0)) {
+    TVM_FFI_THROW(ValueError) << fn << ": width " << width << " must be a positive multiple of "
+                              << (up == nullptr ? 16 : 8);
   }
-  const int chunks = static_cast<int>(two_i / 2 / kVec);
+  const int chunks = static_cast<int>(inter / kVec);
   if (quant == kPerToken && chunks > kSiluThreads * kMaxSiluChunks) {
-    TVM_FFI_THROW(ValueError) << fn << ": intermediate size " << two_i / 2 << " above "
+    TVM_FFI_THROW(ValueError) << fn << ": intermediate size " << inter << " above "
                               << kSiluThreads * kMaxSiluChunks * kVec;
   }
-  CheckHalf(gate_up, fn, "gate_up", two_i, -1);
-  if (out != nullptr) CheckHalf(*out, fn, "output", two_i / 2, rows);
-  const QuantOut qo = MakeQuantOut(fn, quant, q ? *q : gate_up, s, z, tok_eps, s_row, two_i / 2, rows);
+  CheckHalf(gate_up, fn, up == nullptr ? "gate_up" : "gate", width, -1);
+  if (up != nullptr) CheckHalf(*up, fn, "up", inter, rows);
+  if (out != nullptr) CheckHalf(*out, fn, "output", inter, rows);
+  const QuantOut qo = MakeQuantOut(fn, quant, q ? *q : gate_up, s, z, tok_eps, s_row, inter, rows);
   const int64_t total = rows * chunks;
   if (total == 0) return;
+  const uint4* g = In(gate_up);
+  const uint4* u = up == nullptr ? g + chunks : In(*up);
+  const int64_t stride = up == nullptr ? 2 * static_cast<int64_t>(chunks) : chunks;
   cudaStream_t stream = StreamOf(gate_up);
   if (quant == kPerToken) {
     if (rows > 0x7fffffff) TVM_FFI_THROW(ValueError) << fn << ": too many rows (" << rows << ")";
-    SiluMulRowKernel<<<static_cast<unsigned>(rows), kSiluThreads, 0, stream>>>(In(gate_up), chunks, qo);
+    SiluMulRowKernel<<<static_cast<unsigned>(rows), kSiluThreads, 0, stream>>>(g, u, stride, chunks, qo);
   } else {
     // One chunk per thread up to 64 waves of the GPU (a grid-stride loop beyond): every load of
     // a prefill in flight at once.
@@ -441,22 +452,32 @@ void LaunchSiluMul(const char* fn, int quant, const TensorView& gate_up, const T
     if (blocks > cap) blocks = cap;
     uint4* o = out ? Out(*out) : nullptr;
     if (quant == kFp16Out) {
-      SiluMulKernel<kFp16Out><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(In(gate_up), o, rows, chunks, qo);
+      SiluMulKernel<kFp16Out><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(g, u, stride, o, rows, chunks, qo);
     } else {
-      SiluMulKernel<kStatic><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(In(gate_up), o, rows, chunks, qo);
+      SiluMulKernel<kStatic><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(g, u, stride, o, rows, chunks, qo);
     }
   }
   Check(cudaGetLastError(), fn);
 }
 
 void SiluMul(TensorView gate_up, TensorView out) {
-  LaunchSiluMul("mlcq_silu_mul", kFp16Out, gate_up, &out, nullptr, nullptr, nullptr, nullptr, nullptr);
+  LaunchSiluMul("mlcq_silu_mul", kFp16Out, gate_up, nullptr, &out, nullptr, nullptr, nullptr, nullptr, nullptr);
 }
 void SiluMulQ(TensorView gate_up, TensorView s, TensorView z, TensorView q) {
-  LaunchSiluMul("mlcq_silu_mul_q", kStatic, gate_up, nullptr, &q, &s, &z, nullptr, nullptr);
+  LaunchSiluMul("mlcq_silu_mul_q", kStatic, gate_up, nullptr, nullptr, &q, &s, &z, nullptr, nullptr);
 }
 void SiluMulQt(TensorView gate_up, TensorView tok_eps, TensorView q, TensorView s_row) {
-  LaunchSiluMul("mlcq_silu_mul_qt", kPerToken, gate_up, nullptr, &q, nullptr, nullptr, &tok_eps, &s_row);
+  LaunchSiluMul("mlcq_silu_mul_qt", kPerToken, gate_up, nullptr, nullptr, &q, nullptr, nullptr, &tok_eps, &s_row);
+}
+// Two tensors (gate and up not merged: e.g. tensor-parallel shards): the same arithmetic.
+void SiluMul2(TensorView gate, TensorView up, TensorView out) {
+  LaunchSiluMul("mlcq_silu_mul2", kFp16Out, gate, &up, &out, nullptr, nullptr, nullptr, nullptr, nullptr);
+}
+void SiluMul2Q(TensorView gate, TensorView up, TensorView s, TensorView z, TensorView q) {
+  LaunchSiluMul("mlcq_silu_mul2_q", kStatic, gate, &up, nullptr, &q, &s, &z, nullptr, nullptr);
+}
+void SiluMul2Qt(TensorView gate, TensorView up, TensorView tok_eps, TensorView q, TensorView s_row) {
+  LaunchSiluMul("mlcq_silu_mul2_qt", kPerToken, gate, &up, nullptr, &q, nullptr, nullptr, &tok_eps, &s_row);
 }
 
 }  // namespace
@@ -471,3 +492,6 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_silu_mul_q, mlcq_norm_act::SiluMulQ);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_rms_norm_qt, mlcq_norm_act::RmsNormQt);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_add_rms_norm_qt, mlcq_norm_act::AddRmsNormQt);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_silu_mul_qt, mlcq_norm_act::SiluMulQt);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_silu_mul2, mlcq_norm_act::SiluMul2);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_silu_mul2_q, mlcq_norm_act::SiluMul2Q);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_silu_mul2_qt, mlcq_norm_act::SiluMul2Qt);

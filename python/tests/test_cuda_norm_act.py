@@ -171,3 +171,29 @@ def test_gpu_quant_variants_reject_bad_arguments(klib):
     with pytest.raises(Exception, match="mlcq_rms_norm_q.*scale must be a float32"):
         klib["mlcq_rms_norm_q"](x, w, 1e-5, torch.tensor(0.5, dtype=torch.float64).cuda(),
                                 torch.tensor(0, dtype=torch.int8).cuda(), torch.zeros((2, 16), dtype=torch.int8, device="cuda"))
+
+
+@needs_gpu
+@pytest.mark.parametrize("rows,inter", [(1, 11008), (300, 1536), (3, 8)])
+def test_gpu_two_tensor_silu_equals_merged(klib, rows, inter):
+    """mlcq_silu_mul2* (gate and up as two tensors) compute what the merged kernels compute."""
+    torch = _torch_cuda()
+    rng = np.random.default_rng()
+    gu = (rng.standard_normal((rows, 2 * inter)) * 4).astype(np.float16)
+    dgu = torch.from_numpy(gu).cuda()
+    dg, du = (torch.from_numpy(np.ascontiguousarray(gu[:, k * inter:(k + 1) * inter])).cuda() for k in (0, 1))
+    ds, dz, deps = (torch.tensor(v).cuda() for v in (np.float32(0.02), np.int8(3), np.float32(1e-8)))
+    outs = []
+    for two in (False, True):
+        y = torch.empty((rows, inter), dtype=torch.float16, device="cuda")
+        q = torch.empty((rows, inter), dtype=torch.int8, device="cuda")
+        qt = torch.empty((rows, inter), dtype=torch.int8, device="cuda")
+        st = torch.empty((rows, 1), dtype=torch.float32, device="cuda")
+        ins = (dg, du) if two else (dgu,)
+        suffix = "2" if two else ""
+        klib[f"mlcq_silu_mul{suffix}"](*ins, y)
+        klib[f"mlcq_silu_mul{suffix}_q"](*ins, ds, dz, q)
+        klib[f"mlcq_silu_mul{suffix}_qt"](*ins, deps, qt, st)
+        outs.append([t.cpu().numpy() for t in (y, q, qt, st)])
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)

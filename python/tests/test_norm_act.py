@@ -19,7 +19,7 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 from tvm.script import tirx as T
 
-from mlc_quant.passes.offload_norm_act import ADD_RMS_NORM, RMS_NORM, SILU_MUL, OffloadNormAct
+from mlc_quant.passes.offload_norm_act import ADD_RMS_NORM, RMS_NORM, SILU_MUL, SILU_MUL2, OffloadNormAct
 
 
 def _run(mod):
@@ -69,7 +69,36 @@ def test_expected():
             return out
 
     out, counts = _run(Layer)
-    assert counts == {ADD_RMS_NORM: 1, RMS_NORM: 1, SILU_MUL: 1}
+    assert counts == {ADD_RMS_NORM: 1, RMS_NORM: 1, SILU_MUL: 1, SILU_MUL2: 0}
+    tvm.ir.assert_structural_equal(out, Expected)
+
+
+def test_two_tensor_silu_mul_expected():
+    """gate and up from two linears (not merged, e.g. tensor-parallel shards): mlcq_silu_mul2."""
+
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(g: R.Tensor((1, "n", 16), "float16"), u: R.Tensor((1, "n", 16), "float16")):
+            n = T.int64()
+            with R.dataflow():
+                a = R.nn.silu(g)
+                m = R.multiply(a, u)
+                R.output(m)
+            return m
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(g: R.Tensor((1, "n", 16), "float16"), u: R.Tensor((1, "n", 16), "float16")):
+            n = T.int64()
+            with R.dataflow():
+                m = R.call_dps_packed("mlcq_silu_mul2", (g, u), out_ty=R.Tensor((1, n, 16), "float16"))
+                R.output(m)
+            return m
+
+    out, counts = _run(Before)
+    assert counts[SILU_MUL2] == 1
     tvm.ir.assert_structural_equal(out, Expected)
 
 
@@ -91,7 +120,7 @@ def test_left_to_tvm(kw):
     mod = _norm_module(**kw)
     out, counts = _run(mod)
     if kw.get("r_shape"):  # a broadcasting add is not fused; the norm alone still is
-        assert counts == {ADD_RMS_NORM: 0, RMS_NORM: 1, SILU_MUL: 0}
+        assert counts == {ADD_RMS_NORM: 0, RMS_NORM: 1, SILU_MUL: 0, SILU_MUL2: 0}
         assert "R.add" in str(out["main"])
     else:
         assert sum(counts.values()) == 0
@@ -126,7 +155,7 @@ def test_llama_module_offloads_norms_and_silu(scheme_name):
     left = sorted(gv.name_hint for gv, f in out.functions_items()
                   if isinstance(f, relax.Function) and "R.nn.rms_norm" in str(f))
     assert left == ["decode"]
-    assert counts == {RMS_NORM: 1, ADD_RMS_NORM: 2 * layers, SILU_MUL: layers}
+    assert counts == {RMS_NORM: 1, ADD_RMS_NORM: 2 * layers, SILU_MUL: layers, SILU_MUL2: 0}
     tvm.ir.assert_structural_equal(out["decode"], qmod["decode"])
     if shutil.which("nvcc") is not None:
         from mlc_quant import cuda_dispatch as cd  # pylint: disable=import-outside-toplevel
