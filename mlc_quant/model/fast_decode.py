@@ -33,6 +33,7 @@ from tvm import relax as rx
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
 from tvm.target import Target
 
+from mlc_quant.model.flash_prefill import swap_tir_slot
 from mlc_quant.passes._linear import calls_extern
 
 DECODE_KERNEL = "mlcq_attn_decode_paged"
@@ -85,15 +86,7 @@ def plan_decode(choice: Optional[str] = None, **kw) -> bool:
 
 def swap_decode(call: rx.Call) -> rx.Call:
     """The ``paged_attention_kv_cache_create`` call with the (non-sliding) decode slot replaced."""
-    args, swapped = list(call.args), 0
-    for i, a in enumerate(args):
-        if (isinstance(a, rx.Tuple) and len(a.fields) == 2 and isinstance(a.fields[1], tvm.ir.GlobalVar)
-                and a.fields[1].name_hint == _TIR_DECODE):
-            args[i] = rx.Tuple([tvm.ir.StringImm("tirx"), rx.ExternFunc(DECODE_KERNEL)])
-            swapped += 1
-    if swapped != 1:
-        raise RuntimeError(f"fast decode: found {swapped} {_TIR_DECODE} slots (TVM's layout changed?)")
-    return rx.Call(call.op, args, call.attrs, call.ty_args)
+    return swap_tir_slot(call, _TIR_DECODE, DECODE_KERNEL, "fast decode")
 
 
 class _SwapDecode(PagedKVCache):  # pylint: disable=too-few-public-methods

@@ -70,17 +70,23 @@ def resolve_prefill_attention(choice: Optional[str], target: Target, dtype: str,
     return "flash"
 
 
-def _swap_ragged_prefill(call: rx.Call) -> rx.Call:
-    """The ``paged_attention_kv_cache_create`` call with the ragged prefill slot replaced."""
+def swap_tir_slot(call: rx.Call, tir_name: str, kernel: str, who: str) -> rx.Call:
+    """The ``paged_attention_kv_cache_create`` call with its ``("tirx", <tir_name>)`` slot replaced
+    by ``("tirx", ExternFunc(kernel))`` (exactly one such slot, else TVM's layout changed)."""
     args, swapped = list(call.args), 0
     for i, a in enumerate(args):
         if (isinstance(a, rx.Tuple) and len(a.fields) == 2 and isinstance(a.fields[1], tvm.ir.GlobalVar)
-                and a.fields[1].name_hint == _TIR_RAGGED):
-            args[i] = rx.Tuple([tvm.ir.StringImm("tirx"), rx.ExternFunc(PREFILL_KERNEL)])
+                and a.fields[1].name_hint == tir_name):
+            args[i] = rx.Tuple([tvm.ir.StringImm("tirx"), rx.ExternFunc(kernel)])
             swapped += 1
     if swapped != 1:
-        raise RuntimeError(f"FlashPrefillKVCache: found {swapped} {_TIR_RAGGED} slots (TVM's layout changed?)")
+        raise RuntimeError(f"{who}: found {swapped} {tir_name} slots (TVM's layout changed?)")
     return rx.Call(call.op, args, call.attrs, call.ty_args)
+
+
+def _swap_ragged_prefill(call: rx.Call) -> rx.Call:
+    """The ``paged_attention_kv_cache_create`` call with the ragged prefill slot replaced."""
+    return swap_tir_slot(call, _TIR_RAGGED, PREFILL_KERNEL, "FlashPrefillKVCache")
 
 
 class _SwapRaggedPrefill(PagedKVCache):  # pylint: disable=too-few-public-methods
