@@ -27,6 +27,7 @@
 #include <mutex>
 #include <tuple>
 
+#include "mlcq_quant.h"
 #include "mlcq_gemv.h"
 #include "mlcq_internal.h"
 
@@ -62,16 +63,7 @@ __device__ __forceinline__ int dot(int4 a, int4 b, int acc) {
 }
 __device__ __forceinline__ int dot(int a, int b, int acc) { return __dp4a(a, b, acc); }
 
-// Same arithmetic as kernels.cu (div_rn / quantize_one): must stay bit-identical.
-__device__ __forceinline__ float div_rn(float x, float s, float r) {
-  const float y = x * r;
-  return fmaf(fmaf(-y, s, x), r, y);
-}
-__device__ __forceinline__ int quantize_one(float x, float s, float r, float z, float lo) {
-  float q = rintf(div_rn(x, s, r)) + z;
-  q = fminf(fmaxf(q, lo), 127.f);
-  return static_cast<int>(q);
-}
+// quantize_one / div_rn: mlcq_quant.h (the same arithmetic as the quantize kernels).
 
 template <class T>
 __device__ __forceinline__ T warp_sum(T v) {

@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "mlcq_internal.h"
+#include "mlcq_quant.h"
 
 namespace mlcq {
 namespace {
@@ -27,23 +28,6 @@ __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
 }
 template <>
 __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-
-// x / s correctly rounded, as IEEE division, in 3 instructions: with r = RN(1 / s), y = x * r
-// is within an ulp and one Newton step on the exact residual (fma) rounds it correctly for
-// operands in the normal range (Markstein). The full div.rn.f32 routine made the quantize kernel
-// compute-bound (~40 % of the GEMM time at K = 11008 on H200).
-__device__ __forceinline__ float div_rn(float x, float s, float r) {
-  const float y = x * r;
-  return fmaf(fmaf(-y, s, x), r, y);
-}
-
-// Relax quantize: clip(round(x / s) + z). Relax's round lowers to nearbyint (ties to even) on
-// llvm; rintf is the same function (CUDA TIR uses roundf, ties away: differs only on exact .5).
-__device__ __forceinline__ int8_t quantize_one(float x, float s, float r, float z, float lo) {
-  float q = rintf(div_rn(x, s, r)) + z;
-  q = fminf(fmaxf(q, lo), 127.f);
-  return static_cast<int8_t>(static_cast<int>(q));
-}
 
 __device__ __forceinline__ int block_sum(int v) {
   __shared__ int partial[kRowThreads / 32];
@@ -99,7 +83,7 @@ __global__ void __launch_bounds__(kRowThreads)
           int8_t o[V];
 #pragma unroll
           for (int i = 0; i < V; ++i) {
-            o[i] = quantize_one(to_f32(v[u][i]), s, r, z, lo);
+            o[i] = static_cast<int8_t>(quantize_one(to_f32(v[u][i]), s, r, z, lo));
             acc += o[i];
           }
           *reinterpret_cast<uint2*>(qr + k) = *reinterpret_cast<const uint2*>(o);
@@ -108,7 +92,7 @@ __global__ void __launch_bounds__(kRowThreads)
     }
   } else {
     for (int64_t k = threadIdx.x; k < K; k += kRowThreads) {
-      int8_t o = quantize_one(to_f32(xr[k]), s, r, z, lo);
+      int8_t o = static_cast<int8_t>(quantize_one(to_f32(xr[k]), s, r, z, lo));
       qr[k] = o;
       acc += o;
     }
@@ -185,11 +169,11 @@ __global__ void __launch_bounds__(kRowThreads)
       }
       int8_t o[V];
 #pragma unroll
-      for (int i = 0; i < V; ++i) o[i] = quantize_one(to_f32(v[i]), s, r, 0.f, -127.f);
+      for (int i = 0; i < V; ++i) o[i] = static_cast<int8_t>(quantize_one(to_f32(v[i]), s, r, 0.f, -127.f));
       *reinterpret_cast<uint2*>(qr + k) = *reinterpret_cast<const uint2*>(o);
     }
   } else {
-    for (int64_t k = threadIdx.x; k < K; k += kRowThreads) qr[k] = quantize_one(to_f32(xr[k]), s, r, 0.f, -127.f);
+    for (int64_t k = threadIdx.x; k < K; k += kRowThreads) qr[k] = static_cast<int8_t>(quantize_one(to_f32(xr[k]), s, r, 0.f, -127.f));
   }
 }
 

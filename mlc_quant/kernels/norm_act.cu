@@ -35,6 +35,8 @@
 
 #include <cstdint>
 
+#include "mlcq_quant.h"
+
 namespace mlcq_norm_act {
 namespace {
 
@@ -59,46 +61,34 @@ __device__ __forceinline__ uint4 Pack(const float* f) {
   return v;
 }
 
-__device__ __forceinline__ float BlockSum(float v, float* smem) {
+// Block-wide reduction (every thread gets the result); Op is a sum or a max of floats.
+template <class Op>
+__device__ __forceinline__ float BlockReduce(float v, float* smem, Op op) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (lane == 0) smem[warp] = v;
   __syncthreads();
   const int n_warps = (blockDim.x + 31) >> 5;
-  v = lane < n_warps ? smem[lane] : 0.f;
+  v = lane < n_warps ? smem[lane] : 0.f;  // 0 is the identity of both (the max is of |y|)
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;  // every thread holds the block's sum
-}
-
-__device__ __forceinline__ float BlockMax(float v, float* smem) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (lane == 0) smem[warp] = v;
-  __syncthreads();
-  const int n_warps = (blockDim.x + 31) >> 5;
-  v = lane < n_warps ? smem[lane] : 0.f;
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
 
-// kernels.cu's quantize arithmetic (x / s correctly rounded with a reciprocal + one fma, rint).
-__device__ __forceinline__ int8_t QuantOne(float x, float s, float r, float z, float lo) {
-  const float y = x * r;
-  float q = rintf(fmaf(fmaf(-y, s, x), r, y)) + z;
-  q = fminf(fmaxf(q, lo), 127.f);
-  return static_cast<int8_t>(static_cast<int>(q));
-}
+struct SumOp {
+  __device__ float operator()(float a, float b) const { return a + b; }
+};
+struct MaxOp {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
 
 __device__ __forceinline__ void StoreQ8(int8_t* dst, const uint4& h, float s, float r, float z, float lo) {
   float f[kVec];
   Unpack(h, f);
   int8_t o[kVec];
 #pragma unroll
-  for (int j = 0; j < kVec; ++j) o[j] = QuantOne(f[j], s, r, z, lo);
+  for (int j = 0; j < kVec; ++j) o[j] = static_cast<int8_t>(mlcq::quantize_one(f[j], s, r, z, lo));
   *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(o);
 }
 
@@ -146,7 +136,7 @@ __device__ __forceinline__ void WriteRow(const uint4 (&y)[kMaxC], int64_t row, i
       const int c = threadIdx.x + i * blockDim.x;
       if (c < chunks) m = AbsMax8(y[i], m);
     }
-    s = fmaxf(BlockMax(m, smem) / 127.f, qo.eps[0]);
+    s = fmaxf(BlockReduce(m, smem, MaxOp()) / 127.f, qo.eps[0]);
     if (threadIdx.x == 0) qo.s_row[row] = s;
   }
   const float r = 1.f / s;
@@ -190,7 +180,7 @@ __global__ void RmsNormKernel(const uint4* __restrict__ a, const uint4* __restri
       for (int j = 0; j < kVec; ++j) ss += f[j] * f[j];
     }
   }
-  const float r = rsqrtf(BlockSum(ss, smem) * inv_h + eps);
+  const float r = rsqrtf(BlockReduce(ss, smem, SumOp()) * inv_h + eps);
 #pragma unroll
   for (int i = 0; i < kMaxChunks; ++i) {
     const int c = threadIdx.x + i * blockDim.x;
