@@ -7,7 +7,8 @@ For each shape M x N x K (default: Llama-2-7B prefill, M=2048 and (N, K) = (4096
   lt_i8          plain cuBLASLt int8 x int8 -> int32 (64 MiB workspace): the ceiling to match
   fused          our W8A8 GEMM with the per-channel dequantize, fp16 out (auto policy: CUTLASS
                  with the dequantize fused in the epilogue, or cuBLASLt + epilogue for M <= 64)
-  fused_cfgN     the same forced onto CUTLASS tile config N (0: 128x128 ping-pong, 1: stream-K)
+  fused_cfgN     the same forced onto CUTLASS tile config N (0: 128x128 ping-pong, 1: stream-K,
+                 2-5: cluster / cooperative / 64-row candidates; see cutlass_w8a8_sm90.cu)
   lt_i8+epi      cuBLASLt int8 -> int32 + our separate dequantize kernel (the unfused fallback)
   fused_token    per-token x per-channel scales (auto policy)
   linear_q       fused plus the activation quantization kernel (fp16 x in, as a model runs it)
@@ -22,7 +23,11 @@ the median per call over the rounds is reported. Needs torch with CUDA and the k
 ``--lib libmlc_quant_kernels.so`` (built with mlc_quant.kernels.build_shared_library) or, with
 the full mlc_quant installed and nvcc present, it is built on the fly.
 
-    python scripts/bench_gemm.py --lib .gpu/libmlc_quant_kernels.so [--sweep] [--json out.json]
+    python scripts/bench_gemm.py --lib .gpu/libmlc_quant_kernels.so [--sweep] [--tiles] [--json out.json]
+
+``--tiles`` times every CUTLASS tile config at the shapes a merged Llama-2-7B layer runs
+(q/k/v 12288 x 4096, o 4096 x 4096, gate/up 22016 x 4096, down 4096 x 11008) for M = 128-2048:
+the data behind linear.cu's per-shape config choice.
 """
 from __future__ import annotations
 
@@ -34,7 +39,10 @@ import sys
 LLAMA_SHAPES = [(2048, 4096, 4096), (2048, 11008, 4096), (2048, 4096, 11008)]
 SWEEP_M = [1, 16, 64, 128, 256, 512, 1024, 2048, 4096]
 SYM, TOKEN, FLOAT = 1, 3, 0
-AUTO, CUTLASS0, CUTLASS1, CUBLASLT = 0, 2, 3, 4
+AUTO, CUTLASS0, CUTLASS1, CUBLASLT, CUTLASS_CFG = 0, 2, 3, 4, 16
+N_CUTLASS_CONFIGS = 6
+MERGED_LAYER_NK = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]
+TILES_M = [128, 256, 512, 1024, 2048]
 
 
 def load_lib(path):
@@ -124,7 +132,10 @@ def bench_shape(torch, tvm_ffi, lib, M, N, K, variants, rotate=3):
         if name == "linear_q":
             return lambda: lin(SYM, AUTO, st["x"], st["wq"], False, s_x, None, None, None, s_col, None, None, None,
                                None, out_h)
-        backend = {"fused": AUTO, "fused_cfg0": CUTLASS0, "fused_cfg1": CUTLASS1, "lt_i8+epi": CUBLASLT}[name]
+        if name.startswith("fused_cfg"):
+            backend = CUTLASS_CFG + int(name[len("fused_cfg"):])
+        else:
+            backend = {"fused": AUTO, "lt_i8+epi": CUBLASLT}[name]
         return lambda: lin(SYM, backend, st["xq"], st["wq"], False, None, None, None, None, s_col, None, None, None,
                            None, out_h)
 
@@ -145,6 +156,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lib", help="prebuilt libmlc_quant_kernels.so")
     p.add_argument("--sweep", action="store_true", help="also sweep M for the tile-config policy")
+    p.add_argument("--tiles", action="store_true",
+                   help="time every CUTLASS tile config at the merged Llama-2-7B layer shapes")
+    p.add_argument("--tiles-only", action="store_true", help="--tiles, and skip the default shapes")
     p.add_argument("--json", help="write all numbers here")
     args = p.parse_args(argv)
 
@@ -163,6 +177,10 @@ def main(argv=None):
     main_variants = ["lt_i8", "fused", "fused_cfg0", "fused_cfg1", "lt_i8+epi", "fused_token",
                      "linear_q", "linear_token", "fp16", "torch_fp16"]
     results = {"card": card, "cublaslt_probes": probes, "shapes": []}
+    if args.tiles or args.tiles_only:
+        results["tiles"] = bench_tiles(torch, tvm_ffi, lib)
+    if args.tiles_only:
+        return finish(results, args.json)
     print(f"\n{'M':>5} {'N':>6} {'K':>6} | " + " | ".join(f"{v:>11}" for v in main_variants))
     rows = []
     for M, N, K in LLAMA_SHAPES:
@@ -194,11 +212,44 @@ def main(argv=None):
                 cells = [f"{r[v] * 1e6:10.1f}" if r.get(v) else f"{'n/a':>10}" for v in sweep_variants]
                 print(f"             {M:>5} {N:>6} {K:>6} | " + " | ".join(cells) + f"  [{r.get('fused_kernel')}]",
                       flush=True)
+    return finish(results, args.json)
+
+
+def bench_tiles(torch, tvm_ffi, lib):
+    """Every CUTLASS config at the merged-layer shapes; per M, the layer's summed GEMM time for
+    the auto policy, for config 0 alone, for the best config per shape, and for fp16."""
+    variants = ["fused"] + [f"fused_cfg{c}" for c in range(N_CUTLASS_CONFIGS)] + ["fp16"]
+    print(f"\nCUTLASS tile configs (us): {'M':>5} {'N':>6} {'K':>6} | "
+          + " | ".join(f"{v:>10}" for v in variants), flush=True)
+    rows, per_m = [], {}
+    for M in TILES_M:
+        layer = dict.fromkeys(["fused", "fused_cfg0", "best", "fp16"], 0.0)
+        for N, K in MERGED_LAYER_NK:
+            r = bench_shape(torch, tvm_ffi, lib, M, N, K, variants)
+            r.update(M=M, N=N, K=K)
+            cfgs = {v: r[v] for v in variants if v.startswith("fused_cfg") and r.get(v)}
+            r["best_cfg"] = min(cfgs, key=cfgs.get) if cfgs else None
+            rows.append(r)
+            for k in ("fused", "fused_cfg0", "fp16"):
+                layer[k] += r.get(k) or float("nan")
+            layer["best"] += cfgs[r["best_cfg"]] if cfgs else float("nan")
+            cells = [f"{r[v] * 1e6:10.1f}" if r.get(v) else f"{'n/a':>10}" for v in variants]
+            print(f"                           {M:>5} {N:>6} {K:>6} | " + " | ".join(cells)
+                  + f"  [auto: {r.get('fused_kernel')}; best {r['best_cfg']}]", flush=True)
+        per_m[M] = layer
+        print(f"  M={M} layer GEMMs: auto {layer['fused'] * 1e6:.1f} us, cfg0 {layer['fused_cfg0'] * 1e6:.1f}, "
+              f"best per shape {layer['best'] * 1e6:.1f}, fp16 {layer['fp16'] * 1e6:.1f}; "
+              f"fp16/auto {layer['fp16'] / layer['fused']:.2f}x, fp16/best {layer['fp16'] / layer['best']:.2f}x",
+              flush=True)
+    return {"shapes": rows, "layer_sums": per_m}
+
+
+def finish(results, json_path):
     if GRAPH_FAILURES:
         print(f"\nCUDA graph capture failed {len(GRAPH_FAILURES)}x (timed eagerly): {GRAPH_FAILURES[0]}")
     results["graph_failures"] = GRAPH_FAILURES
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)
 
 

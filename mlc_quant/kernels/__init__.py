@@ -64,6 +64,8 @@ class Backend(IntEnum):
     CUBLASLT = 4
     SIMT = 5
     GEMV = 6
+    #: CUTLASS_CFG + n forces CUTLASS tile config n (``cutlass_w8a8_sm90.cu``'s MLCQ_CFG blocks)
+    CUTLASS_CFG = 16
 
 
 __all__ = [

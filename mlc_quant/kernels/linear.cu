@@ -175,8 +175,12 @@ Backend EnvBackend(Backend requested) {
     if (!std::strcmp(v, "cublaslt")) return Backend::kCublasLt;
     if (!std::strcmp(v, "simt")) return Backend::kSimt;
     if (!std::strcmp(v, "gemv")) return Backend::kGemv;
+    if (!std::strncmp(v, "cutlass", 7) && v[7] >= '0' && v[7] <= '9' && v[8] == 0 &&
+        v[7] - '0' < kNumCutlassConfigs)
+      return static_cast<Backend>(static_cast<int>(Backend::kCutlassCfgBase) + (v[7] - '0'));
     ThrowError("ValueError", std::string("MLC_QUANT_INT8_BACKEND=") + v +
-                                 ": expected auto|cutlass|cutlass0|cutlass1|cublaslt|simt|gemv");
+                                 ": expected auto|cutlass|cutlass0.." +
+                                 std::to_string(kNumCutlassConfigs - 1) + "|cublaslt|simt|gemv");
   }();
   return env;
 }
@@ -194,10 +198,13 @@ bool GemvEnabled() {
 using CutlassFn = const char* (*)(const GemmProblem&, Workspace*, cudaStream_t);
 using CutlassNameFn = const char* (*)();
 // The asym-capable EVT covers every scheme (null operands = neutral), so one object per config.
-const CutlassFn kCutlassFns[kNumCutlassConfigs] = {cutlass_w8a8_sm90_cfg0_asym1,
-                                                   cutlass_w8a8_sm90_cfg1_asym1};
-const CutlassNameFn kCutlassNames[kNumCutlassConfigs] = {cutlass_w8a8_sm90_name_cfg0_asym1,
-                                                         cutlass_w8a8_sm90_name_cfg1_asym1};
+const CutlassFn kCutlassFns[kNumCutlassConfigs] = {
+    cutlass_w8a8_sm90_cfg0_asym1, cutlass_w8a8_sm90_cfg1_asym1, cutlass_w8a8_sm90_cfg2_asym1,
+    cutlass_w8a8_sm90_cfg3_asym1, cutlass_w8a8_sm90_cfg4_asym1, cutlass_w8a8_sm90_cfg5_asym1};
+const CutlassNameFn kCutlassNames[kNumCutlassConfigs] = {
+    cutlass_w8a8_sm90_name_cfg0_asym1, cutlass_w8a8_sm90_name_cfg1_asym1,
+    cutlass_w8a8_sm90_name_cfg2_asym1, cutlass_w8a8_sm90_name_cfg3_asym1,
+    cutlass_w8a8_sm90_name_cfg4_asym1, cutlass_w8a8_sm90_name_cfg5_asym1};
 
 // The measured policy (scripts/bench_gemm.py --sweep, docs/performance.md):
 //  * M <= 64 (decode, short prompts): cuBLASLt's split-K int8 GEMM + the separate epilogue
@@ -210,6 +217,14 @@ constexpr int64_t kSmallM = 64;
 int PickCutlassConfig(const GemmProblem& p, const DeviceInfo& info) {
   const int64_t tiles = ((p.M + 127) / 128) * ((p.N + 127) / 128);
   return 2 * tiles <= info.sm_count ? 1 : 0;
+}
+
+// The tile config a backend value forces, or -1 (auto policy / not CUTLASS).
+int ForcedCutlassConfig(Backend b) {
+  if (b == Backend::kCutlass0) return 0;
+  if (b == Backend::kCutlass1) return 1;
+  const int n = static_cast<int>(b) - static_cast<int>(Backend::kCutlassCfgBase);
+  return n >= 0 && n < kNumCutlassConfigs ? n : -1;
 }
 
 std::string CutlassUnusable(const GemmProblem& p, const DeviceInfo& info) {
@@ -234,9 +249,8 @@ std::string TryCutlass(const GemmProblem& p, Backend backend, const DeviceInfo& 
                        Workspace* ws, cudaStream_t stream) {
   std::string why = CutlassUnusable(p, info);
   if (!why.empty()) return why;
-  const int cfg = backend == Backend::kCutlass0   ? 0
-                  : backend == Backend::kCutlass1 ? 1
-                                                  : PickCutlassConfig(p, info);
+  const int cfg = ForcedCutlassConfig(backend) >= 0 ? ForcedCutlassConfig(backend)
+                                                    : PickCutlassConfig(p, info);
   const char* err = kCutlassFns[cfg](p, ws, stream);
   if (*err != 0) return err;
   MLCQ_CUDA_CHECK(cudaGetLastError());
@@ -259,14 +273,12 @@ void RunInt8Gemm(GemmProblem& p, Backend backend, cudaStream_t stream) {
   const DeviceInfo& info = GetDeviceInfo(p.device_id);
   p.sm_count = info.sm_count;
   Workspace* ws = Workspace::ForDevice(p.device_id);
+  if (backend == Backend::kCutlass || ForcedCutlassConfig(backend) >= 0) {  // forced: no fallback
+    std::string why = TryCutlass(p, backend, info, ws, stream);
+    if (!why.empty()) ThrowError("ValueError", "mlc_quant: CUTLASS backend forced but unusable: " + why);
+    return;
+  }
   switch (backend) {
-    case Backend::kCutlass:
-    case Backend::kCutlass0:
-    case Backend::kCutlass1: {
-      std::string why = TryCutlass(p, backend, info, ws, stream);
-      if (!why.empty()) ThrowError("ValueError", "mlc_quant: CUTLASS backend forced but unusable: " + why);
-      return;
-    }
     case Backend::kCublasLt:
       if (!TryCublasLt(p, ws, stream))
         ThrowError("ValueError", "mlc_quant: cuBLASLt has no int8 algorithm for M=" +
@@ -277,8 +289,7 @@ void RunInt8Gemm(GemmProblem& p, Backend backend, cudaStream_t stream) {
       LaunchSimtW8A8(p, stream);
       SetLast("simt");
       return;
-    case Backend::kGemv:  // handled in RunLinear (it needs the unquantized x)
-    case Backend::kAuto:
+    default:  // kAuto; kGemv is handled in RunLinear (it needs the unquantized x)
       break;
   }
   if (p.M <= kSmallM && TryCublasLt(p, ws, stream)) return;
@@ -500,7 +511,10 @@ void Linear(int64_t scheme, int64_t backend, TensorView x, TensorView w, bool w_
             OptT row_sum, OptT bias, TensorView out) {
   using mlcq::DLView;
   if (scheme < 0 || scheme > 3) TVM_FFI_THROW(ValueError) << "mlcq_linear: bad scheme " << scheme;
-  if (backend < 0 || backend > 6) TVM_FFI_THROW(ValueError) << "mlcq_linear: bad backend " << backend;
+  if ((backend < 0 || backend > 6) &&
+      (backend < static_cast<int64_t>(mlcq::Backend::kCutlassCfgBase) ||
+       backend >= static_cast<int64_t>(mlcq::Backend::kCutlassCfgBase) + mlcq::kNumCutlassConfigs))
+    TVM_FFI_THROW(ValueError) << "mlcq_linear: bad backend " << backend;
   DLView vx(x, "x"), vw(w, "w"), vxs(x_scale, "x_scale"), vxz(x_zero, "x_zero"),
       vts(token_scale, "token_scale"), vte(token_eps, "token_eps"), vs(scale, "scale"),
       vwz(w_zero, "w_zero"),

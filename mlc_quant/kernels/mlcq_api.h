@@ -32,6 +32,7 @@ enum class Backend : int {
   kCublasLt = 4,  // cuBLASLt int8 -> int32 + separate epilogue kernel (not fused)
   kSimt = 5,      // CUDA cores, any shape
   kGemv = 6,      // M <= 8: one bandwidth-bound GEMV kernel with the quantize and epilogue fused
+  kCutlassCfgBase = 16,  // 16 + n: force CUTLASS tile config n (any of cutlass_w8a8_sm90.cu's)
 };
 
 struct LinearArgs {

@@ -34,6 +34,7 @@ import pytest
 # mirrors mlcq::Scheme / mlcq::Backend (mlc_quant/kernels/mlcq_api.h)
 FLOAT, SYM, ASYM, TOKEN = 0, 1, 2, 3
 AUTO, CUTLASS, CUTLASS0, CUTLASS1, CUBLASLT, SIMT, GEMV = range(7)
+CUTLASS_CFG = 16  # + n: force CUTLASS tile config n
 
 
 def _full_tvm() -> bool:
@@ -643,6 +644,23 @@ def test_gpu_w8a8_every_backend(klib, backend, M, scheme):
     N, K = (1032, 528) if M < 2048 else (2056, 1040)
     out, ref = _run_w8a8(klib, scheme, M, N, K, x_float=True, bias=True, seed=M * 7 + backend, backend=backend)
     _assert_close(out, ref, f"backend {backend} {scheme} M={M} ({klib['mlcq_last_kernel']()})")
+
+
+@needs_gpu
+@pytest.mark.parametrize("cfg", range(2, 6))
+@pytest.mark.parametrize("M", [7, 130, 520])
+@pytest.mark.parametrize("scheme", _SCHEMES)
+def test_gpu_w8a8_every_cutlass_config(klib, cfg, M, scheme):
+    """Tile configs 2-5 (cluster multicast, cooperative, 64-row tiles), forced; M = 520 is
+    not a multiple of any tile or cluster height."""
+    torch = _torch_cuda()
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("CUTLASS kernels are sm_90a")
+    N, K = (1032, 528) if M < 520 else (4104, 1040)
+    out, ref = _run_w8a8(klib, scheme, M, N, K, x_float=True, bias=True, seed=M * 11 + cfg,
+                         backend=CUTLASS_CFG + cfg)
+    assert str(klib["mlcq_last_kernel"]()).startswith("cutlass:"), klib["mlcq_last_kernel"]()
+    _assert_close(out, ref, f"cutlass config {cfg} {scheme} M={M} ({klib['mlcq_last_kernel']()})")
 
 
 @needs_gpu
