@@ -83,7 +83,11 @@ struct AffineSat<cutlass::Array<float, N>> {
 // ---- tile configurations (chosen per shape by linear.cu from measurements) ----
 // Measured on H200 (docs/performance.md): 128x128 ping-pong matches or beats cuBLASLt's int8
 // GEMM from M=512 up; a 128x256 cooperative config (2-CTA clusters) was never faster than it
-// and was dropped; stream-K wins where there are too few 128x128 tiles to fill the SMs.
+// and was dropped; stream-K wins where there are too few 128x128 tiles to fill the SMs. Four
+// more candidates for M = 128-2048 (2x2 and 4x1 clusters, cooperative 128x128 with 2x2
+// clusters, 64x256 ping-pong) lost to these two at every merged Llama-2-7B layer shape but
+// two, by at most 3 % there (scripts/bench_gemm.py --tiles, docs/bench/gemm-tiles-s5-*), and
+// were dropped again: each costs minutes of compile time.
 #if MLCQ_CFG == 0
 // Prefill: 128x128 tiles, ping-pong consumers hide the epilogue behind the next tile's MMA,
 // 2-CTA clusters share the activation tile through TMA multicast.
@@ -103,43 +107,6 @@ using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
 using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
 using TileScheduler = cutlass::gemm::StreamKScheduler;
 #define MLCQ_CFG_NAME "128x64x128_c1x1_coop_streamk"
-#elif MLCQ_CFG == 2
-// Candidates for M = 256-1024 (sweep: scripts/bench_gemm.py --tiles). At M = 512 a 128x128
-// tile reads 1 MB of operands per 134 MOP, so the L2 -> SM traffic, not the tensor cores, sets
-// the pace; larger clusters multicast each operand tile to more CTAs (2x2: A and B each shared
-// by two).
-using TileShape = Shape<_128, _128, _128>;
-using ClusterShape = Shape<_2, _2, _1>;
-using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
-using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
-using TileScheduler = cutlass::gemm::PersistentScheduler;
-#define MLCQ_CFG_NAME "128x128x128_c2x2_pingpong"
-#elif MLCQ_CFG == 3
-// The weight tile multicast to the 4 CTAs of a 4-row cluster (M = 512 is exactly 4 row tiles).
-using TileShape = Shape<_128, _128, _128>;
-using ClusterShape = Shape<_4, _1, _1>;
-using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
-using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
-using TileScheduler = cutlass::gemm::PersistentScheduler;
-#define MLCQ_CFG_NAME "128x128x128_c4x1_pingpong"
-#elif MLCQ_CFG == 4
-// Both consumer warp groups on one tile (64 rows each): when there is about one tile per SM,
-// ping-pong leaves one of its two consumers idle.
-using TileShape = Shape<_128, _128, _128>;
-using ClusterShape = Shape<_2, _2, _1>;
-using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
-using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
-using TileScheduler = cutlass::gemm::PersistentScheduler;
-#define MLCQ_CFG_NAME "128x128x128_c2x2_coop"
-#elif MLCQ_CFG == 5
-// 64-row tiles, ping-pong: twice the tiles (each consumer its own 64x256 tile), for shapes whose
-// 128x128 tiles leave a partial last wave.
-using TileShape = Shape<_64, _256, _128>;
-using ClusterShape = Shape<_1, _2, _1>;
-using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
-using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
-using TileScheduler = cutlass::gemm::PersistentScheduler;
-#define MLCQ_CFG_NAME "64x256x128_c1x2_pingpong"
 #else
 #error "unknown MLCQ_CFG"
 #endif

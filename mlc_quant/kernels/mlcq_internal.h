@@ -90,11 +90,7 @@ void LaunchSimtW8A8(const GemmProblem& p, cudaStream_t stream);
   const char* cutlass_w8a8_sm90_name_cfg##cfg##_asym1();
 MLCQ_DECLARE_CUTLASS(0)
 MLCQ_DECLARE_CUTLASS(1)
-MLCQ_DECLARE_CUTLASS(2)
-MLCQ_DECLARE_CUTLASS(3)
-MLCQ_DECLARE_CUTLASS(4)
-MLCQ_DECLARE_CUTLASS(5)
 #undef MLCQ_DECLARE_CUTLASS
-constexpr int kNumCutlassConfigs = 6;
+constexpr int kNumCutlassConfigs = 2;
 
 }  // namespace mlcq

@@ -647,12 +647,12 @@ def test_gpu_w8a8_every_backend(klib, backend, M, scheme):
 
 
 @needs_gpu
-@pytest.mark.parametrize("cfg", range(2, 6))
+@pytest.mark.parametrize("cfg", [0, 1])
 @pytest.mark.parametrize("M", [7, 130, 520])
 @pytest.mark.parametrize("scheme", _SCHEMES)
 def test_gpu_w8a8_every_cutlass_config(klib, cfg, M, scheme):
-    """Tile configs 2-5 (cluster multicast, cooperative, 64-row tiles), forced; M = 520 is
-    not a multiple of any tile or cluster height."""
+    """Each tile config forced through backend CUTLASS_CFG + n; M = 520 is not a multiple of
+    any tile or cluster height."""
     torch = _torch_cuda()
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("CUTLASS kernels are sm_90a")
