@@ -29,6 +29,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include "mlcq_pdl.h"
 
 namespace mlcq_attn {
 // Internal linkage throughout: every model library links its own copy of this file, and a
@@ -123,6 +124,7 @@ __device__ __forceinline__ void LoadTile(half* smem, const half* base, int64_t r
 
 template <int D>
 __global__ void __launch_bounds__(kThreads) PrefillRaggedKernel(Params p) {
+  mlcq::PdlWaitAndRelease();
   extern __shared__ __align__(16) unsigned char smem_raw[];
   half* q_s = reinterpret_cast<half*>(smem_raw);
   half* k_s = q_s + kBlockM * Cfg<D>::kStride;  // 2 buffers
@@ -357,7 +359,7 @@ void Launch(const Params& p, int heads, int64_t max_blocks, int device, cudaStre
     if (device >= 0 && device < kMaxDevices) configured[device] = true;
   }
   dim3 grid(heads, static_cast<unsigned>(max_blocks));
-  PrefillRaggedKernel<D><<<grid, kThreads, Cfg<D>::kSmemBytes, stream>>>(p);
+  mlcq::LaunchPdl(PrefillRaggedKernel<D>, grid, dim3(kThreads), Cfg<D>::kSmemBytes, stream, p);
 }
 
 void PrefillRagged(TensorView q, TensorView q_indptr, TensorView k, TensorView v, TensorView kv_indptr,

@@ -260,7 +260,10 @@ def _units() -> List[_Unit]:
             _Unit(
                 f"mlcq_cutlass_sm90_cfg{cfg}",
                 KERNEL_DIR / "cutlass_w8a8_sm90.cu",
-                base + SM90A_GENCODE + ["--expt-relaxed-constexpr", f"-DMLCQ_CFG={cfg}", "-DMLCQ_ASYM=1"],
+                base + SM90A_GENCODE + ["--expt-relaxed-constexpr", f"-DMLCQ_CFG={cfg}", "-DMLCQ_ASYM=1"]
+                # griddepcontrol in the kernel, for PDL (mlcq_pdl.h); CUTLASS 4.2's stream-K
+                # scheduler does not compile with it (is_last_tile), so ping-pong only
+                + (["-DCUTLASS_ENABLE_GDC_FOR_SM90"] if cfg == 0 else []),
                 ("cutlass",),
             )
         )

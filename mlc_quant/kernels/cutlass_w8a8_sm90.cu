@@ -28,6 +28,7 @@
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/gemm/kernel/tile_scheduler.hpp"
 #include "mlcq_internal.h"
+#include "mlcq_pdl.h"
 
 #ifndef MLCQ_CFG
 #define MLCQ_CFG 0
@@ -245,7 +246,16 @@ const char* MLCQ_ENTRY(const GemmProblem& p, Workspace* ws, cudaStream_t stream)
   if (GemmKernel::initialize_workspace(args, ws_ptr, stream) != cutlass::Status::kSuccess)
     return "CUTLASS initialize_workspace failed";
   typename GemmKernel::Params params = GemmKernel::to_underlying_arguments(args, ws_ptr);
-  if (Gemm::run(params, stream) != cutlass::Status::kSuccess) return "CUTLASS launch failed";
+  // Programmatic dependent launch (mlcq_pdl.h) where the build defines
+  // CUTLASS_ENABLE_GDC_FOR_SM90 (config 0): the producer warps wait for the previous kernel
+  // before their first load, and the kernel releases the next one after its last tile's
+  // mainloop. Never with a workspace: initialize_workspace's memset must land first.
+#ifdef CUTLASS_ENABLE_GDC_FOR_SM90
+  const bool pdl = ws_bytes == 0 && PdlEnabled(p.device_id);
+#else
+  const bool pdl = false;
+#endif
+  if (Gemm::run(params, stream, nullptr, pdl) != cutlass::Status::kSuccess) return "CUTLASS launch failed";
   return "";
 }
 

@@ -38,6 +38,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include "mlcq_pdl.h"
 
 namespace mlcq_decode {
 // Internal linkage: every model library links its own copy (own workspace, own counters).
@@ -81,6 +82,7 @@ __device__ __forceinline__ void Unpack(const uint4& u, float (&f)[8]) {
 
 template <int D, int G>
 __global__ void __launch_bounds__(kThreads) DecodeKernel(Params p) {
+  mlcq::PdlWaitAndRelease();
   constexpr int L = D / 8;             // lanes per token
   constexpr int RG = kThreads / L;     // row groups (tokens in flight per step)
   constexpr int U = G <= 2 ? 4 : 2;    // tokens per row group per step
@@ -289,7 +291,7 @@ int NumSMs(int device) {
 template <int D, int G>
 void LaunchG(const Params& p, int batch, cudaStream_t stream) {
   dim3 grid(p.splits, p.hkv, batch);
-  DecodeKernel<D, G><<<grid, kThreads, 0, stream>>>(p);
+  mlcq::LaunchPdl(DecodeKernel<D, G>, grid, dim3(kThreads), 0, stream, p);
 }
 
 template <int D>

@@ -30,6 +30,7 @@
 #include "mlcq_quant.h"
 #include "mlcq_gemv.h"
 #include "mlcq_internal.h"
+#include "mlcq_pdl.h"
 
 namespace mlcq {
 // Internal linkage for everything (several model libraries may each link a copy).
@@ -191,6 +192,7 @@ __device__ void stage_x(const W8Params& P, int8_t* xq, float* s_row_sm, int* row
 
 template <int MT, int VEC>
 __global__ void __launch_bounds__(kThreads) gemv_w8a8_kernel(const W8Params P) {
+  mlcq::PdlWaitAndRelease();
   using V = typename std::conditional<VEC == 16, int4, int>::type;
   constexpr int kUnroll = Unroll<MT>();
   extern __shared__ int4 smem_raw[];
@@ -347,6 +349,7 @@ __device__ __forceinline__ int quantize4(uint2 raw, float s, float r, float z, f
 
 template <int NC>
 __global__ void __launch_bounds__(kThreads, kMinBlocks1[NC - 1]) gemv_w8a8_m1_kernel(const W8Params P) {
+  mlcq::PdlWaitAndRelease();
   constexpr int R = Rows1<NC>();
   __shared__ float red_f[kWarps];
   __shared__ int red_i[kWarps];
@@ -499,6 +502,7 @@ template <int MT>
 __global__ void __launch_bounds__(kThreads)
     gemv_f16_kernel(int M, int N, int K, const __half* __restrict__ x, const __half* __restrict__ w,
                     const __half* __restrict__ bias, __half* __restrict__ out) {
+  mlcq::PdlWaitAndRelease();
   constexpr int kUnroll = Unroll<MT>();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int nchunks = K / 8;  // 8 halves = 16 bytes
@@ -623,7 +627,7 @@ void LaunchW8(const W8Params& P, int device, cudaStream_t stream) {
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   }
   const int per_sm = ResidentPerSm(reinterpret_cast<const void*>(gemv_w8a8_kernel<MT, VEC>), smem, device);
-  gemv_w8a8_kernel<MT, VEC><<<GridFor(RowGroupCtas(P.N), per_sm, d), kThreads, smem, stream>>>(P);
+  LaunchPdl(gemv_w8a8_kernel<MT, VEC>, dim3(GridFor(RowGroupCtas(P.N), per_sm, d)), dim3(kThreads), smem, stream, P);
   MLCQ_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -632,7 +636,7 @@ void LaunchW8M1(const W8Params& P, int device, cudaStream_t stream) {
   const GemvDevice& d = GetGemvDevice(device);
   const int per_sm = ResidentPerSm(reinterpret_cast<const void*>(gemv_w8a8_m1_kernel<NC>), 0, device);
   const int64_t groups = (int64_t(P.N) + Rows1<NC>() - 1) / Rows1<NC>();
-  gemv_w8a8_m1_kernel<NC><<<GridFor(groups, per_sm, d), kThreads, 0, stream>>>(P);
+  LaunchPdl(gemv_w8a8_m1_kernel<NC>, dim3(GridFor(groups, per_sm, d)), dim3(kThreads), 0, stream, P);
   MLCQ_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -707,10 +711,10 @@ void LaunchGemvF16(int64_t M, int64_t N, int64_t K, const void* x, const void* w
   const __half* bh = static_cast<const __half*>(bias);
   __half* oh = static_cast<__half*>(out);
   switch (MBucket(M)) {
-    case 1: gemv_f16_kernel<1><<<grid, kThreads, 0, stream>>>(m, n, k, xh, wh, bh, oh); break;
-    case 2: gemv_f16_kernel<2><<<grid, kThreads, 0, stream>>>(m, n, k, xh, wh, bh, oh); break;
-    case 4: gemv_f16_kernel<4><<<grid, kThreads, 0, stream>>>(m, n, k, xh, wh, bh, oh); break;
-    default: gemv_f16_kernel<8><<<grid, kThreads, 0, stream>>>(m, n, k, xh, wh, bh, oh); break;
+    case 1: LaunchPdl(gemv_f16_kernel<1>, dim3(grid), dim3(kThreads), 0, stream, m, n, k, xh, wh, bh, oh); break;
+    case 2: LaunchPdl(gemv_f16_kernel<2>, dim3(grid), dim3(kThreads), 0, stream, m, n, k, xh, wh, bh, oh); break;
+    case 4: LaunchPdl(gemv_f16_kernel<4>, dim3(grid), dim3(kThreads), 0, stream, m, n, k, xh, wh, bh, oh); break;
+    default: LaunchPdl(gemv_f16_kernel<8>, dim3(grid), dim3(kThreads), 0, stream, m, n, k, xh, wh, bh, oh); break;
   }
   MLCQ_CUDA_CHECK(cudaGetLastError());
 }

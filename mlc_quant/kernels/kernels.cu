@@ -8,6 +8,7 @@
 
 #include "mlcq_internal.h"
 #include "mlcq_quant.h"
+#include "mlcq_pdl.h"
 
 namespace mlcq {
 namespace {
@@ -49,6 +50,7 @@ __global__ void __launch_bounds__(kRowThreads)
     quantize_rows_kernel(const T* __restrict__ x, int64_t K, const float* __restrict__ s_ptr,
                          const int8_t* __restrict__ z_ptr, int8_t* __restrict__ q,
                          int32_t* __restrict__ rowsum) {
+  mlcq::PdlWaitAndRelease();
   const int64_t m = blockIdx.x;
   const float s = kPerToken ? s_ptr[m] : s_ptr[0];
   const float z = (!kPerToken && z_ptr != nullptr) ? static_cast<float>(z_ptr[0]) : 0.f;
@@ -126,6 +128,7 @@ template <class T, bool kVec>
 __global__ void __launch_bounds__(kRowThreads)
     quantize_rows_dynamic_kernel(const T* __restrict__ x, int64_t K, const float* __restrict__ eps,
                                  int8_t* __restrict__ q, float* __restrict__ s_out) {
+  mlcq::PdlWaitAndRelease();
   const int64_t m = blockIdx.x;
   const T* xr = x + m * K;
   float amax = 0.f;
@@ -179,6 +182,7 @@ __global__ void __launch_bounds__(kRowThreads)
 
 __global__ void __launch_bounds__(kRowThreads)
     rowsum_kernel(const int8_t* __restrict__ q, int64_t K, int32_t* __restrict__ rowsum) {
+  mlcq::PdlWaitAndRelease();
   const int8_t* qr = q + int64_t(blockIdx.x) * K;
   int acc = 0;
   for (int64_t k = threadIdx.x; k < K; k += kRowThreads) acc += qr[k];
@@ -278,7 +282,7 @@ void LaunchQuantizeT(const T* x, int64_t M, int64_t K, const float* s, const int
   const bool vec = K % 8 == 0 && Aligned16(x) && (reinterpret_cast<uintptr_t>(q) & 7) == 0;
   dim3 grid(static_cast<unsigned>(M));
 #define MLCQ_Q(PT, VEC) \
-  quantize_rows_kernel<T, PT, VEC><<<grid, kRowThreads, 0, stream>>>(x, K, s, z, q, rowsum)
+  LaunchPdl(quantize_rows_kernel<T, PT, VEC>, grid, dim3(kRowThreads), 0, stream, x, K, s, z, q, rowsum)
   if (per_token) {
     if (vec) MLCQ_Q(true, true); else MLCQ_Q(true, false);
   } else {
@@ -311,9 +315,9 @@ void LaunchDynamicT(const T* x, int64_t M, int64_t K, const float* eps, int8_t* 
   const bool vec = K % 8 == 0 && Aligned16(x) && (reinterpret_cast<uintptr_t>(q) & 7) == 0;
   dim3 grid(static_cast<unsigned>(M));
   if (vec) {
-    quantize_rows_dynamic_kernel<T, true><<<grid, kRowThreads, 0, stream>>>(x, K, eps, q, s_out);
+    LaunchPdl(quantize_rows_dynamic_kernel<T, true>, grid, dim3(kRowThreads), 0, stream, x, K, eps, q, s_out);
   } else {
-    quantize_rows_dynamic_kernel<T, false><<<grid, kRowThreads, 0, stream>>>(x, K, eps, q, s_out);
+    LaunchPdl(quantize_rows_dynamic_kernel<T, false>, grid, dim3(kRowThreads), 0, stream, x, K, eps, q, s_out);
   }
   MLCQ_CUDA_CHECK(cudaGetLastError());
 }
@@ -347,7 +351,7 @@ void LaunchQuantizePerTokenDynamic(const void* x, int x_dtype, int64_t M, int64_
 
 void LaunchRowSum(const int8_t* q, int64_t M, int64_t K, int32_t* rowsum, cudaStream_t stream) {
   if (M == 0) return;
-  rowsum_kernel<<<static_cast<unsigned>(M), kRowThreads, 0, stream>>>(q, K, rowsum);
+  LaunchPdl(rowsum_kernel, dim3(static_cast<unsigned>(M)), dim3(kRowThreads), 0, stream, q, K, rowsum);
   MLCQ_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -36,6 +36,7 @@
 #include <cstdint>
 
 #include "mlcq_quant.h"
+#include "mlcq_pdl.h"
 
 namespace mlcq_norm_act {
 namespace {
@@ -153,6 +154,7 @@ template <bool kAdd, int kQuant>
 __global__ void RmsNormKernel(const uint4* __restrict__ a, const uint4* __restrict__ b, const uint4* __restrict__ w,
                               uint4* __restrict__ sum_out, uint4* __restrict__ out, int chunks, float inv_h,
                               float eps, QuantOut qo) {
+  mlcq::PdlWaitAndRelease();
   __shared__ float smem[32];
   __shared__ float smem_max[32];
   const int64_t row = blockIdx.x;
@@ -212,6 +214,7 @@ __device__ __forceinline__ uint4 SiluMul8(const uint4& gv, const uint4& uv) {
 template <int kQuant>
 __global__ void SiluMulKernel(const uint4* __restrict__ g, const uint4* __restrict__ u, int64_t stride,
                               uint4* __restrict__ out, int64_t rows, int chunks, QuantOut qo) {
+  mlcq::PdlWaitAndRelease();
   const int64_t total = rows * chunks;
   float s = 1.f, z = 0.f;
   if constexpr (kQuant == kStatic) {
@@ -236,6 +239,7 @@ constexpr int kSiluThreads = 256, kMaxSiluChunks = 8;
 
 __global__ void SiluMulRowKernel(const uint4* __restrict__ g, const uint4* __restrict__ u, int64_t stride, int chunks,
                                  QuantOut qo) {
+  mlcq::PdlWaitAndRelease();
   __shared__ float smem_max[32];
   const int64_t row = blockIdx.x;
   uint4 y[kMaxSiluChunks];
@@ -326,9 +330,9 @@ template <bool kAdd, int kQuant>
 void LaunchRmsNormT(int64_t rows, int threads, cudaStream_t stream, const TensorView& a, const TensorView* b,
                     const TensorView& w, float inv_h, double eps, const TensorView* sum_out,
                     const TensorView* out, const QuantOut& qo, int chunks) {
-  RmsNormKernel<kAdd, kQuant><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
-      In(a), b ? In(*b) : nullptr, In(w), sum_out ? Out(*sum_out) : nullptr, out ? Out(*out) : nullptr, chunks,
-      inv_h, static_cast<float>(eps), qo);
+  mlcq::LaunchPdl(RmsNormKernel<kAdd, kQuant>, dim3(static_cast<unsigned>(rows)), dim3(threads), 0, stream,
+                  In(a), b ? In(*b) : nullptr, In(w), sum_out ? Out(*sum_out) : nullptr,
+                  out ? Out(*out) : nullptr, chunks, inv_h, static_cast<float>(eps), qo);
 }
 
 // quant: kFp16Out (out given), kStatic (q, s, z given), kPerToken (q, tok_eps, s_row given).
@@ -432,7 +436,8 @@ void LaunchSiluMul(const char* fn, int quant, const TensorView& gate_up, const T
   cudaStream_t stream = StreamOf(gate_up);
   if (quant == kPerToken) {
     if (rows > 0x7fffffff) TVM_FFI_THROW(ValueError) << fn << ": too many rows (" << rows << ")";
-    SiluMulRowKernel<<<static_cast<unsigned>(rows), kSiluThreads, 0, stream>>>(g, u, stride, chunks, qo);
+    mlcq::LaunchPdl(SiluMulRowKernel, dim3(static_cast<unsigned>(rows)), dim3(kSiluThreads), 0, stream, g, u,
+                    stride, chunks, qo);
   } else {
     // One chunk per thread up to 64 waves of the GPU (a grid-stride loop beyond): every load of
     // a prefill in flight at once.
@@ -442,9 +447,11 @@ void LaunchSiluMul(const char* fn, int quant, const TensorView& gate_up, const T
     if (blocks > cap) blocks = cap;
     uint4* o = out ? Out(*out) : nullptr;
     if (quant == kFp16Out) {
-      SiluMulKernel<kFp16Out><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(g, u, stride, o, rows, chunks, qo);
+      mlcq::LaunchPdl(SiluMulKernel<kFp16Out>, dim3(static_cast<unsigned>(blocks)), dim3(threads), 0, stream, g, u,
+                      stride, o, rows, chunks, qo);
     } else {
-      SiluMulKernel<kStatic><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(g, u, stride, o, rows, chunks, qo);
+      mlcq::LaunchPdl(SiluMulKernel<kStatic>, dim3(static_cast<unsigned>(blocks)), dim3(threads), 0, stream, g, u,
+                      stride, o, rows, chunks, qo);
     }
   }
   Check(cudaGetLastError(), fn);

@@ -37,6 +37,7 @@
 
 #include <cstdint>
 #include <type_traits>
+#include "mlcq_pdl.h"
 
 namespace mlcq_rope {
 namespace {
@@ -75,6 +76,7 @@ __device__ __forceinline__ void Store16(half* p, uint4 v) { *reinterpret_cast<ui
 // ones copy v, 4 chunks each (chunks i, i + NV, i + 2 NV, i + 3 NV).
 template <int D, int G>
 __global__ void __launch_bounds__(kThreads) RopeVecKernel(Params p, int rot_items, int v_items) {
+  mlcq::PdlWaitAndRelease();
   constexpr int kHalfD = D / 2;
   constexpr int kChunks = kHalfD / 8;
   const int rot_heads = p.hq + p.hkv;
@@ -161,8 +163,8 @@ void LaunchVec(const Params& p, cudaStream_t stream) {
   const int rot_items = (rot_heads + G - 1) / G * kChunks;
   const int v_items = p.hkv * D / 32;  // 4 chunks of 8 halves each
   const int64_t threads = p.seq_len * (rot_items + v_items);
-  RopeVecKernel<D, G><<<static_cast<unsigned>((threads + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-      p, rot_items, v_items);
+  mlcq::LaunchPdl(RopeVecKernel<D, G>, dim3(static_cast<unsigned>((threads + kThreads - 1) / kThreads)),
+                  dim3(kThreads), 0, stream, p, rot_items, v_items);
 }
 
 // Heads per thread: as many as keep about a full GPU of threads busy (more heads per thread
@@ -182,6 +184,7 @@ void LaunchVecAuto(const Params& p, int device, cudaStream_t stream) {
 
 // Any alignment, any even D: one thread per (token, head, j < D/2) pair.
 __global__ void RopeScalarKernel(Params p) {
+  mlcq::PdlWaitAndRelease();
   const int heads = p.hq + 2 * p.hkv;
   const int half_d = p.d / 2;
   const int64_t total = p.seq_len * heads * half_d;
@@ -221,6 +224,7 @@ __global__ void RopeScalarKernel(Params p) {
 template <int VEC>
 __global__ void KvAppendKernel(half* __restrict__ pages, const half* __restrict__ k, const half* __restrict__ v,
                                const int32_t* __restrict__ pos, int64_t ntok, int hkv, int d, int page_size) {
+  mlcq::PdlWaitAndRelease();
   using T = typename std::conditional<VEC == 8, uint4, half>::type;
   const int chunks = d / VEC;
   const int64_t per = ntok * hkv * chunks;
@@ -305,7 +309,8 @@ void Rope(TensorView qkv, TensorView position_map, TensorView q, TensorView k, T
   } else {
     const int64_t pairs = seq_len * (hq + 2 * hkv) * (d / 2);
     const int64_t blocks = (pairs + kThreads - 1) / kThreads;
-    RopeScalarKernel<<<static_cast<unsigned>(blocks < 1 << 20 ? blocks : 1 << 20), kThreads, 0, stream>>>(p);
+    mlcq::LaunchPdl(RopeScalarKernel, dim3(static_cast<unsigned>(blocks < 1 << 20 ? blocks : 1 << 20)),
+                    dim3(kThreads), 0, stream, p);
   }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) TVM_FFI_THROW(RuntimeError) << "mlcq_rope: launch failed: " << cudaGetErrorString(err);
@@ -363,11 +368,11 @@ void KvTransposeAppend(TensorView pages, TensorView k, TensorView v, TensorView 
   const int64_t items = 2 * ntok * hkv * (vec ? d / 8 : d);
   const unsigned blocks = static_cast<unsigned>((items + kThreads - 1) / kThreads);
   if (vec) {
-    KvAppendKernel<8><<<blocks, kThreads, 0, stream>>>(pg, kp, vp, pp, ntok, static_cast<int>(hkv),
-                                                       static_cast<int>(d), page_size);
+    mlcq::LaunchPdl(KvAppendKernel<8>, dim3(blocks), dim3(kThreads), 0, stream, pg, kp, vp, pp, ntok,
+                    static_cast<int>(hkv), static_cast<int>(d), page_size);
   } else {
-    KvAppendKernel<1><<<blocks, kThreads, 0, stream>>>(pg, kp, vp, pp, ntok, static_cast<int>(hkv),
-                                                       static_cast<int>(d), page_size);
+    mlcq::LaunchPdl(KvAppendKernel<1>, dim3(blocks), dim3(kThreads), 0, stream, pg, kp, vp, pp, ntok,
+                    static_cast<int>(hkv), static_cast<int>(d), page_size);
   }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) {
