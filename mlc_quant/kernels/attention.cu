@@ -359,7 +359,7 @@ void Launch(const Params& p, int heads, int64_t max_blocks, int device, cudaStre
     if (device >= 0 && device < kMaxDevices) configured[device] = true;
   }
   dim3 grid(heads, static_cast<unsigned>(max_blocks));
-  mlcq::LaunchPdl(PrefillRaggedKernel<D>, grid, dim3(kThreads), Cfg<D>::kSmemBytes, stream, p);
+  mlcq::LaunchPdl(mlcq::kPdlAttn, PrefillRaggedKernel<D>, grid, dim3(kThreads), Cfg<D>::kSmemBytes, stream, p);
 }
 
 void PrefillRagged(TensorView q, TensorView q_indptr, TensorView k, TensorView v, TensorView kv_indptr,

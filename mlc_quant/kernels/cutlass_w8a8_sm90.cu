@@ -251,7 +251,7 @@ const char* MLCQ_ENTRY(const GemmProblem& p, Workspace* ws, cudaStream_t stream)
   // before their first load, and the kernel releases the next one after its last tile's
   // mainloop. Never with a workspace: initialize_workspace's memset must land first.
 #ifdef CUTLASS_ENABLE_GDC_FOR_SM90
-  const bool pdl = ws_bytes == 0 && PdlEnabled(p.device_id);
+  const bool pdl = ws_bytes == 0 && PdlEnabled(p.device_id, kPdlGemm);
 #else
   const bool pdl = false;
 #endif

@@ -291,7 +291,7 @@ int NumSMs(int device) {
 template <int D, int G>
 void LaunchG(const Params& p, int batch, cudaStream_t stream) {
   dim3 grid(p.splits, p.hkv, batch);
-  mlcq::LaunchPdl(DecodeKernel<D, G>, grid, dim3(kThreads), 0, stream, p);
+  mlcq::LaunchPdl(mlcq::kPdlAttn, DecodeKernel<D, G>, grid, dim3(kThreads), 0, stream, p);
 }
 
 template <int D>

@@ -627,7 +627,7 @@ void LaunchW8(const W8Params& P, int device, cudaStream_t stream) {
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   }
   const int per_sm = ResidentPerSm(reinterpret_cast<const void*>(gemv_w8a8_kernel<MT, VEC>), smem, device);
-  LaunchPdl(gemv_w8a8_kernel<MT, VEC>, dim3(GridFor(RowGroupCtas(P.N), per_sm, d)), dim3(kThreads), smem, stream, P);
+  LaunchPdl(kPdlGemv, gemv_w8a8_kernel<MT, VEC>, dim3(GridFor(RowGroupCtas(P.N), per_sm, d)), dim3(kThreads), smem, stream, P);
   MLCQ_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -636,7 +636,7 @@ void LaunchW8M1(const W8Params& P, int device, cudaStream_t stream) {
   const GemvDevice& d = GetGemvDevice(device);
   const int per_sm = ResidentPerSm(reinterpret_cast<const void*>(gemv_w8a8_m1_kernel<NC>), 0, device);
   const int64_t groups = (int64_t(P.N) + Rows1<NC>() - 1) / Rows1<NC>();
-  LaunchPdl(gemv_w8a8_m1_kernel<NC>, dim3(GridFor(groups, per_sm, d)), dim3(kThreads), 0, stream, P);
+  LaunchPdl(kPdlGemv, gemv_w8a8_m1_kernel<NC>, dim3(GridFor(groups, per_sm, d)), dim3(kThreads), 0, stream, P);
   MLCQ_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -711,10 +711,10 @@ void LaunchGemvF16(int64_t M, int64_t N, int64_t K, const void* x, const void* w
   const __half* bh = static_cast<const __half*>(bias);
   __half* oh = static_cast<__half*>(out);
   switch (MBucket(M)) {
-    case 1: LaunchPdl(gemv_f16_kernel<1>, dim3(grid), dim3(kThreads), 0, stream, m, n, k, xh, wh, bh, oh); break;
-    case 2: LaunchPdl(gemv_f16_kernel<2>, dim3(grid), dim3(kThreads), 0, stream, m, n, k, xh, wh, bh, oh); break;
-    case 4: LaunchPdl(gemv_f16_kernel<4>, dim3(grid), dim3(kThreads), 0, stream, m, n, k, xh, wh, bh, oh); break;
-    default: LaunchPdl(gemv_f16_kernel<8>, dim3(grid), dim3(kThreads), 0, stream, m, n, k, xh, wh, bh, oh); break;
+    case 1: LaunchPdl(kPdlGemv, gemv_f16_kernel<1>, dim3(grid), dim3(kThreads), 0, stream, m, n, k, xh, wh, bh, oh); break;
+    case 2: LaunchPdl(kPdlGemv, gemv_f16_kernel<2>, dim3(grid), dim3(kThreads), 0, stream, m, n, k, xh, wh, bh, oh); break;
+    case 4: LaunchPdl(kPdlGemv, gemv_f16_kernel<4>, dim3(grid), dim3(kThreads), 0, stream, m, n, k, xh, wh, bh, oh); break;
+    default: LaunchPdl(kPdlGemv, gemv_f16_kernel<8>, dim3(grid), dim3(kThreads), 0, stream, m, n, k, xh, wh, bh, oh); break;
   }
   MLCQ_CUDA_CHECK(cudaGetLastError());
 }

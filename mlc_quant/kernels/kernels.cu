@@ -282,7 +282,7 @@ void LaunchQuantizeT(const T* x, int64_t M, int64_t K, const float* s, const int
   const bool vec = K % 8 == 0 && Aligned16(x) && (reinterpret_cast<uintptr_t>(q) & 7) == 0;
   dim3 grid(static_cast<unsigned>(M));
 #define MLCQ_Q(PT, VEC) \
-  LaunchPdl(quantize_rows_kernel<T, PT, VEC>, grid, dim3(kRowThreads), 0, stream, x, K, s, z, q, rowsum)
+  LaunchPdl(kPdlQuant, quantize_rows_kernel<T, PT, VEC>, grid, dim3(kRowThreads), 0, stream, x, K, s, z, q, rowsum)
   if (per_token) {
     if (vec) MLCQ_Q(true, true); else MLCQ_Q(true, false);
   } else {
@@ -315,9 +315,9 @@ void LaunchDynamicT(const T* x, int64_t M, int64_t K, const float* eps, int8_t* 
   const bool vec = K % 8 == 0 && Aligned16(x) && (reinterpret_cast<uintptr_t>(q) & 7) == 0;
   dim3 grid(static_cast<unsigned>(M));
   if (vec) {
-    LaunchPdl(quantize_rows_dynamic_kernel<T, true>, grid, dim3(kRowThreads), 0, stream, x, K, eps, q, s_out);
+    LaunchPdl(kPdlQuant, quantize_rows_dynamic_kernel<T, true>, grid, dim3(kRowThreads), 0, stream, x, K, eps, q, s_out);
   } else {
-    LaunchPdl(quantize_rows_dynamic_kernel<T, false>, grid, dim3(kRowThreads), 0, stream, x, K, eps, q, s_out);
+    LaunchPdl(kPdlQuant, quantize_rows_dynamic_kernel<T, false>, grid, dim3(kRowThreads), 0, stream, x, K, eps, q, s_out);
   }
   MLCQ_CUDA_CHECK(cudaGetLastError());
 }
@@ -351,7 +351,7 @@ void LaunchQuantizePerTokenDynamic(const void* x, int x_dtype, int64_t M, int64_
 
 void LaunchRowSum(const int8_t* q, int64_t M, int64_t K, int32_t* rowsum, cudaStream_t stream) {
   if (M == 0) return;
-  LaunchPdl(rowsum_kernel, dim3(static_cast<unsigned>(M)), dim3(kRowThreads), 0, stream, q, K, rowsum);
+  LaunchPdl(kPdlQuant, rowsum_kernel, dim3(static_cast<unsigned>(M)), dim3(kRowThreads), 0, stream, q, K, rowsum);
   MLCQ_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -30,13 +30,27 @@ __device__ __forceinline__ void PdlWaitAndRelease() {
 #endif
 }
 
-// PDL needs sm_90+ and is on unless MLC_QUANT_PDL=0|off|false (read once).
-inline bool PdlEnabled(int device) {
-  static const bool env_on = [] {
+// Kernel families, for MLC_QUANT_PDL as a bit mask (measurements: which launches gain or lose).
+enum PdlKind : int {
+  kPdlGemm = 1,    // CUTLASS W8A8 GEMM (config 0)
+  kPdlNorm = 2,    // norm_act.cu: RMSNorm (+ add), SiLU * up, with or without the quantize
+  kPdlRope = 4,    // rope.cu: split + RoPE, KV append
+  kPdlAttn = 8,    // prefill and decode attention
+  kPdlQuant = 16,  // kernels.cu: activation quantize, row sums
+  kPdlGemv = 32,   // gemv.cu: small-M GEMVs
+  kPdlAll = 63,
+};
+
+// PDL needs sm_90+; MLC_QUANT_PDL: unset, 1 or on: every family; 0, off or false: none; else a
+// decimal mask of PdlKind bits (read once).
+inline bool PdlEnabled(int device, int kind = kPdlAll) {
+  static const int mask = [] {
     const char* v = std::getenv("MLC_QUANT_PDL");
-    return v == nullptr || !(!std::strcmp(v, "0") || !std::strcmp(v, "off") || !std::strcmp(v, "false"));
+    if (v == nullptr || *v == 0 || !std::strcmp(v, "on") || !std::strcmp(v, "1")) return int(kPdlAll);
+    if (!std::strcmp(v, "0") || !std::strcmp(v, "off") || !std::strcmp(v, "false")) return 0;
+    return std::atoi(v) & int(kPdlAll);
   }();
-  if (!env_on) return false;
+  if ((mask & kind) == 0) return false;
   constexpr int kMaxDevices = 64;
   static int major[kMaxDevices] = {0};  // 0: not queried yet (benign race: same value)
   if (device < 0 || device >= kMaxDevices) return false;
@@ -51,19 +65,19 @@ inline bool PdlEnabled(int device) {
   return major[device] >= 9;
 }
 
-inline bool PdlEnabledCurrent() {
+inline bool PdlEnabledCurrent(int kind) {
   int device = -1;
   if (cudaGetDevice(&device) != cudaSuccess) {
     cudaGetLastError();
     return false;
   }
-  return PdlEnabled(device);
+  return PdlEnabled(device, kind);
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute where enabled. The
 // kernel must start with PdlWaitAndRelease(). Returns the launch status (check it as for <<<>>>).
 template <typename... KArgs, typename... Args>
-cudaError_t LaunchPdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+cudaError_t LaunchPdl(PdlKind kind, void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
                       cudaStream_t stream, Args&&... args) {
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -74,7 +88,7 @@ cudaError_t LaunchPdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t sm
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cfg.attrs = attr;
-  cfg.numAttrs = PdlEnabledCurrent() ? 1 : 0;
+  cfg.numAttrs = PdlEnabledCurrent(kind) ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, kernel, static_cast<KArgs>(std::forward<Args>(args))...);
 }
 

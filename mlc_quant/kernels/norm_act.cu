@@ -330,7 +330,7 @@ template <bool kAdd, int kQuant>
 void LaunchRmsNormT(int64_t rows, int threads, cudaStream_t stream, const TensorView& a, const TensorView* b,
                     const TensorView& w, float inv_h, double eps, const TensorView* sum_out,
                     const TensorView* out, const QuantOut& qo, int chunks) {
-  mlcq::LaunchPdl(RmsNormKernel<kAdd, kQuant>, dim3(static_cast<unsigned>(rows)), dim3(threads), 0, stream,
+  mlcq::LaunchPdl(mlcq::kPdlNorm, RmsNormKernel<kAdd, kQuant>, dim3(static_cast<unsigned>(rows)), dim3(threads), 0, stream,
                   In(a), b ? In(*b) : nullptr, In(w), sum_out ? Out(*sum_out) : nullptr,
                   out ? Out(*out) : nullptr, chunks, inv_h, static_cast<float>(eps), qo);
 }
@@ -436,7 +436,7 @@ void LaunchSiluMul(const char* fn, int quant, const TensorView& gate_up, const T
   cudaStream_t stream = StreamOf(gate_up);
   if (quant == kPerToken) {
     if (rows > 0x7fffffff) TVM_FFI_THROW(ValueError) << fn << ": too many rows (" << rows << ")";
-    mlcq::LaunchPdl(SiluMulRowKernel, dim3(static_cast<unsigned>(rows)), dim3(kSiluThreads), 0, stream, g, u,
+    mlcq::LaunchPdl(mlcq::kPdlNorm, SiluMulRowKernel, dim3(static_cast<unsigned>(rows)), dim3(kSiluThreads), 0, stream, g, u,
                     stride, chunks, qo);
   } else {
     // One chunk per thread up to 64 waves of the GPU (a grid-stride loop beyond): every load of
@@ -447,10 +447,10 @@ void LaunchSiluMul(const char* fn, int quant, const TensorView& gate_up, const T
     if (blocks > cap) blocks = cap;
     uint4* o = out ? Out(*out) : nullptr;
     if (quant == kFp16Out) {
-      mlcq::LaunchPdl(SiluMulKernel<kFp16Out>, dim3(static_cast<unsigned>(blocks)), dim3(threads), 0, stream, g, u,
+      mlcq::LaunchPdl(mlcq::kPdlNorm, SiluMulKernel<kFp16Out>, dim3(static_cast<unsigned>(blocks)), dim3(threads), 0, stream, g, u,
                       stride, o, rows, chunks, qo);
     } else {
-      mlcq::LaunchPdl(SiluMulKernel<kStatic>, dim3(static_cast<unsigned>(blocks)), dim3(threads), 0, stream, g, u,
+      mlcq::LaunchPdl(mlcq::kPdlNorm, SiluMulKernel<kStatic>, dim3(static_cast<unsigned>(blocks)), dim3(threads), 0, stream, g, u,
                       stride, o, rows, chunks, qo);
     }
   }

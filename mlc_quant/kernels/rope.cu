@@ -163,7 +163,7 @@ void LaunchVec(const Params& p, cudaStream_t stream) {
   const int rot_items = (rot_heads + G - 1) / G * kChunks;
   const int v_items = p.hkv * D / 32;  // 4 chunks of 8 halves each
   const int64_t threads = p.seq_len * (rot_items + v_items);
-  mlcq::LaunchPdl(RopeVecKernel<D, G>, dim3(static_cast<unsigned>((threads + kThreads - 1) / kThreads)),
+  mlcq::LaunchPdl(mlcq::kPdlRope, RopeVecKernel<D, G>, dim3(static_cast<unsigned>((threads + kThreads - 1) / kThreads)),
                   dim3(kThreads), 0, stream, p, rot_items, v_items);
 }
 
@@ -309,7 +309,7 @@ void Rope(TensorView qkv, TensorView position_map, TensorView q, TensorView k, T
   } else {
     const int64_t pairs = seq_len * (hq + 2 * hkv) * (d / 2);
     const int64_t blocks = (pairs + kThreads - 1) / kThreads;
-    mlcq::LaunchPdl(RopeScalarKernel, dim3(static_cast<unsigned>(blocks < 1 << 20 ? blocks : 1 << 20)),
+    mlcq::LaunchPdl(mlcq::kPdlRope, RopeScalarKernel, dim3(static_cast<unsigned>(blocks < 1 << 20 ? blocks : 1 << 20)),
                     dim3(kThreads), 0, stream, p);
   }
   cudaError_t err = cudaGetLastError();
@@ -368,10 +368,10 @@ void KvTransposeAppend(TensorView pages, TensorView k, TensorView v, TensorView 
   const int64_t items = 2 * ntok * hkv * (vec ? d / 8 : d);
   const unsigned blocks = static_cast<unsigned>((items + kThreads - 1) / kThreads);
   if (vec) {
-    mlcq::LaunchPdl(KvAppendKernel<8>, dim3(blocks), dim3(kThreads), 0, stream, pg, kp, vp, pp, ntok,
+    mlcq::LaunchPdl(mlcq::kPdlRope, KvAppendKernel<8>, dim3(blocks), dim3(kThreads), 0, stream, pg, kp, vp, pp, ntok,
                     static_cast<int>(hkv), static_cast<int>(d), page_size);
   } else {
-    mlcq::LaunchPdl(KvAppendKernel<1>, dim3(blocks), dim3(kThreads), 0, stream, pg, kp, vp, pp, ntok,
+    mlcq::LaunchPdl(mlcq::kPdlRope, KvAppendKernel<1>, dim3(blocks), dim3(kThreads), 0, stream, pg, kp, vp, pp, ntok,
                     static_cast<int>(hkv), static_cast<int>(d), page_size);
   }
   cudaError_t err = cudaGetLastError();
