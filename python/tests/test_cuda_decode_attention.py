@@ -130,6 +130,7 @@ def test_kv_cache_uses_fast_decode_where_supported(monkeypatch):
         export_model(tiny_config(64), "float16", cuda)
 
 
+@pytest.mark.skipif(not _full_tvm(), reason="needs the full TVM (mlc_quant.model)")
 def test_fast_decode_supported_rules():
     from mlc_quant.model.fast_decode import fast_decode_supported, plan_decode  # pylint: disable=import-outside-toplevel
 
