@@ -6,6 +6,12 @@ the same seeded random weights, runs a 128-token prefill and N greedy decode ste
 back its own argmax) and compares the logits of every step and the greedy tokens.
 
     python scripts/check_decode_graph.py PLAIN_DIR GRAPH_DIR [--steps 16] [--json out.json]
+
+With ``--second-env VAR=VALUE`` the second library runs in a child process with that variable set
+(switches the kernels read once per process), e.g. one library with and without programmatic
+dependent launch, which must give bit-identical logits:
+
+    MLC_QUANT_PDL=0 python scripts/check_decode_graph.py DIR DIR --second-env MLC_QUANT_PDL=1
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
-def decode_logits(lib_dir, steps, seed=0):
+def decode_logits(lib_dir, steps, seed=0, prompt=128):
     import tvm  # pylint: disable=import-outside-toplevel
     import tvm_ffi  # pylint: disable=import-outside-toplevel
 
@@ -36,8 +42,8 @@ def decode_logits(lib_dir, steps, seed=0):
         w, owner = bench.random_weight(name, shape, dtype, seed, dev, torch)
         weights[name], _ = w, keep.append(owner)
     vocab = man["model_config"]["vocab_size"]
-    eng = Engine(os.path.join(lib_dir, "model.so"), weights, dev, max_seq_len=512, prefill_chunk_size=256,
-                 vocab_size=vocab)
+    eng = Engine(os.path.join(lib_dir, "model.so"), weights, dev, max_seq_len=prompt + steps + 16,
+                 prefill_chunk_size=prompt, vocab_size=vocab)
 
     def step(fn, ids, n):
         eng._begin(eng.kv_cache, tvm_ffi.Shape([0]), tvm_ffi.Shape([n]))  # pylint: disable=protected-access
@@ -47,7 +53,7 @@ def decode_logits(lib_dir, steps, seed=0):
 
     rng = np.random.default_rng(seed)
     eng.reset()
-    logits = [step("prefill", tvm.runtime.tensor(rng.integers(0, vocab, (1, 128)).astype(np.int32), dev), 128)]
+    logits = [step("prefill", tvm.runtime.tensor(rng.integers(0, vocab, (1, prompt)).astype(np.int32), dev), prompt)]
     for _ in range(steps):
         tok = int(np.argmax(logits[-1]))
         logits.append(step("decode", tvm.runtime.tensor(np.array([[tok]], np.int32), dev), 1))
@@ -59,11 +65,29 @@ def main():
     p.add_argument("plain")
     p.add_argument("graph")
     p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--prompt", type=int, default=128, help="prefill length")
     p.add_argument("--json")
+    p.add_argument("--second-env", help="VAR=VALUE: run the second library in a child process with it")
+    p.add_argument("--dump", help=argparse.SUPPRESS)  # child mode: write GRAPH's logits (.npy) and exit
     a = p.parse_args()
-    x, y = decode_logits(a.plain, a.steps), decode_logits(a.graph, a.steps)
+    if a.dump:
+        np.save(a.dump, decode_logits(a.graph, a.steps, prompt=a.prompt))
+        return
+    x = decode_logits(a.plain, a.steps, prompt=a.prompt)
+    if a.second_env:
+        import subprocess  # pylint: disable=import-outside-toplevel
+        import tempfile  # pylint: disable=import-outside-toplevel
+
+        var, _, value = a.second_env.partition("=")
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "logits.npy")
+            subprocess.run([sys.executable, os.path.abspath(__file__), a.plain, a.graph, "--steps", str(a.steps),
+                            "--prompt", str(a.prompt), "--dump", out], env={**os.environ, var: value}, check=True)
+            y = np.load(out)
+    else:
+        y = decode_logits(a.graph, a.steps, prompt=a.prompt)
     rel = [float(np.linalg.norm(x[i] - y[i]) / (np.linalg.norm(x[i]) + 1e-30)) for i in range(len(x))]
-    res = {"plain": a.plain, "graph": a.graph, "steps": a.steps, "max_rel_logit_diff": max(rel),
+    res = {"plain": a.plain, "graph": a.graph, "second_env": a.second_env, "prompt": a.prompt, "steps": a.steps, "max_rel_logit_diff": max(rel),
            "max_abs_logit_diff": float(np.abs(x - y).max()), "bitwise_equal": bool(np.array_equal(x, y)),
            "greedy_tokens_equal": bool((x.argmax(-1) == y.argmax(-1)).all()), "finite": bool(np.isfinite(x).all())}
     print(json.dumps(res))
