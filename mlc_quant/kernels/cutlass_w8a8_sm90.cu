@@ -255,7 +255,38 @@ const char* MLCQ_ENTRY(const GemmProblem& p, Workspace* ws, cudaStream_t stream)
 #else
   const bool pdl = false;
 #endif
-  if (Gemm::run(params, stream, nullptr, pdl) != cutlass::Status::kSuccess) return "CUTLASS launch failed";
+  // The launch GemmUniversalAdapter::run makes, minus its ClusterLauncher::init: that sets
+  // cudaFuncAttributeNonPortableClusterSizeAllowed on every launch (~3 us of host time per linear
+  // in the host API profile, 0.4 ms per 7B prefill), which clusters of at most 8 CTAs (ours: 1x2,
+  // 1x1) do not need.
+  static_assert(size(ClusterShape{}) <= 8, "a non-portable cluster size needs the attribute set");
+  const dim3 grid = GemmKernel::get_grid_shape(params);
+  const dim3 block = GemmKernel::get_block_shape();
+  cudaLaunchAttribute attrs[2];
+  unsigned n_attrs = 0;
+  attrs[n_attrs].id = cudaLaunchAttributeClusterDimension;
+  attrs[n_attrs].val.clusterDim.x = size<0>(ClusterShape{});
+  attrs[n_attrs].val.clusterDim.y = size<1>(ClusterShape{});
+  attrs[n_attrs].val.clusterDim.z = size<2>(ClusterShape{});
+  ++n_attrs;
+  if (pdl) {
+    attrs[n_attrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[n_attrs].val.programmaticStreamSerializationAllowed = 1;
+    ++n_attrs;
+  }
+  cudaLaunchConfig_t launch = {};
+  launch.gridDim = grid;
+  launch.blockDim = block;
+  launch.dynamicSmemBytes = GemmKernel::SharedStorageSize;
+  launch.stream = stream;
+  launch.attrs = attrs;
+  launch.numAttrs = n_attrs;
+  void* kernel_args[] = {&params};
+  if (cudaLaunchKernelExC(&launch, reinterpret_cast<const void*>(&cutlass::device_kernel<GemmKernel>), kernel_args) !=
+      cudaSuccess) {
+    cudaGetLastError();  // clear it; the caller falls back
+    return "CUTLASS launch failed";
+  }
   return "";
 }
 
