@@ -4,7 +4,7 @@
 For switches the kernels read once per process (MLC_QUANT_PDL, MLC_QUANT_GEMV, ...): each value
 gets a fresh process on the same card, so the values are compared in one device call.
 
-    SWEEP_JSON=sweep.json python scripts/bench_env_sweep.py MLC_QUANT_PDL 0 63 1 62 0 63 -- .gpu/bench \\
+    SWEEP_JSON=sweep.json python scripts/bench_env_sweep.py MLC_QUANT_PDL 0 1 2 124 0 1 -- .gpu/bench \\
         --configs llama2-7b --schemes q0f16,smq_q8i8f16_0 --no-hf --no-profile --lengths 512,2048
 """
 from __future__ import annotations

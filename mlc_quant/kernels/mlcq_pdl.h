@@ -31,18 +31,19 @@ __device__ __forceinline__ void PdlWaitAndRelease() {
 }
 
 // Kernel families, for MLC_QUANT_PDL as a bit mask (measurements: which launches gain or lose).
+// Bit 0 is no family, so that MLC_QUANT_PDL=1 can keep meaning "on".
 enum PdlKind : int {
-  kPdlGemm = 1,    // CUTLASS W8A8 GEMM (config 0)
-  kPdlNorm = 2,    // norm_act.cu: RMSNorm (+ add), SiLU * up, with or without the quantize
-  kPdlRope = 4,    // rope.cu: split + RoPE, KV append
-  kPdlAttn = 8,    // prefill and decode attention
-  kPdlQuant = 16,  // kernels.cu: activation quantize, row sums
-  kPdlGemv = 32,   // gemv.cu: small-M GEMVs
-  kPdlAll = 63,
+  kPdlGemm = 2,    // CUTLASS W8A8 GEMM (config 0)
+  kPdlNorm = 4,    // norm_act.cu: RMSNorm (+ add), SiLU * up, with or without the quantize
+  kPdlRope = 8,    // rope.cu: split + RoPE, KV append
+  kPdlAttn = 16,   // prefill and decode attention
+  kPdlQuant = 32,  // kernels.cu: activation quantize, row sums
+  kPdlGemv = 64,   // gemv.cu: small-M GEMVs
+  kPdlAll = 126,
 };
 
 // PDL needs sm_90+; MLC_QUANT_PDL: unset, 1 or on: every family; 0, off or false: none; else a
-// decimal mask of PdlKind bits (read once).
+// decimal mask of PdlKind bits, e.g. 2 = the GEMM alone (read once).
 inline bool PdlEnabled(int device, int kind = kPdlAll) {
   static const int mask = [] {
     const char* v = std::getenv("MLC_QUANT_PDL");
