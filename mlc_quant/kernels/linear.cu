@@ -246,8 +246,8 @@ std::string TryCutlass(const GemmProblem& p, Backend backend, const DeviceInfo& 
                        Workspace* ws, cudaStream_t stream) {
   std::string why = CutlassUnusable(p, info);
   if (!why.empty()) return why;
-  const int cfg = ForcedCutlassConfig(backend) >= 0 ? ForcedCutlassConfig(backend)
-                                                    : PickCutlassConfig(p, info);
+  int cfg = ForcedCutlassConfig(backend);
+  if (cfg < 0) cfg = PickCutlassConfig(p, info);
   const char* err = kCutlassFns[cfg](p, ws, stream);
   if (*err != 0) return err;
   MLCQ_CUDA_CHECK(cudaGetLastError());
