@@ -17,6 +17,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <utility>
@@ -49,7 +50,13 @@ inline bool PdlEnabled(int device, int kind = kPdlAll) {
     const char* v = std::getenv("MLC_QUANT_PDL");
     if (v == nullptr || *v == 0 || !std::strcmp(v, "on") || !std::strcmp(v, "1")) return int(kPdlAll);
     if (!std::strcmp(v, "0") || !std::strcmp(v, "off") || !std::strcmp(v, "false")) return 0;
-    return std::atoi(v) & int(kPdlAll);
+    char* end = nullptr;
+    const long m = std::strtol(v, &end, 10);
+    if (*end == 0 && m > 0 && (m & ~long(kPdlAll)) == 0) return int(m);
+    // Not a silent change of behaviour: say what was ignored (launch paths cannot throw here).
+    std::fprintf(stderr, "mlc_quant: MLC_QUANT_PDL=%s is not 0|1|on|off or a family mask (even, 2-126); "
+                 "using the default (on)\n", v);
+    return int(kPdlAll);
   }();
   if ((mask & kind) == 0) return false;
   constexpr int kMaxDevices = 64;
