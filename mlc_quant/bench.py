@@ -377,13 +377,42 @@ def _op_kind(name: str) -> str:
     return re.sub(r"\d+$", "", base)
 
 
+class _LoadedModel:  # pylint: disable=too-few-public-methods
+    """One built library with seeded random weights on the device, and its forward step."""
+
+    def __init__(self, lib_dir, dev, torch, seed: int, max_seq_len: int, prefill_chunk: int):
+        import tvm_ffi  # pylint: disable=import-outside-toplevel
+
+        from mlc_quant.runtime import Engine  # pylint: disable=import-outside-toplevel
+
+        lib_dir = pathlib.Path(lib_dir)
+        self.manifest = json.loads((lib_dir / MANIFEST).read_text())
+        t0 = time.time()
+        weights, self._keep = {}, []
+        for name, shape, dtype in self.manifest["params"]:
+            w, owner = random_weight(name, shape, dtype, seed, dev, torch)
+            weights[name] = w
+            self._keep.append(owner)
+        self.weight_bytes = int(sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize
+                                    for _, s, d in self.manifest["params"]))
+        self.weights_made_s = round(time.time() - t0, 1)
+        self.engine = Engine(str(lib_dir / "model.so"), weights, dev, max_seq_len=max_seq_len,
+                             prefill_chunk_size=prefill_chunk, vocab_size=self.manifest["model_config"]["vocab_size"])
+        self._shape = tvm_ffi.Shape
+
+    def step(self, fn_name: str, ids_dev, n: int):
+        """One forward of ``n`` tokens already on the device (prefill or decode), KV cache bookkeeping included."""
+        e = self.engine
+        e._begin(e.kv_cache, self._shape([0]), self._shape([n]))  # pylint: disable=protected-access
+        out = e._funcs[fn_name](ids_dev, e.kv_cache, *e._args[fn_name])  # pylint: disable=protected-access
+        e._end(e.kv_cache)  # pylint: disable=protected-access
+        return out
+
+
 def run_ours(lib_dir, lengths=PREFILL_LENGTHS, decode_tokens: int = 64, warmup: int = 2, repeat: int = 5,
              seed: int = 0, profile: bool = True) -> Dict:
     """Measure one built library (weights made on the device)."""
     import tvm  # pylint: disable=import-outside-toplevel
-    import tvm_ffi  # pylint: disable=import-outside-toplevel
-
-    from mlc_quant.runtime import Engine  # pylint: disable=import-outside-toplevel
 
     lib_dir = pathlib.Path(lib_dir)
     man = json.loads((lib_dir / MANIFEST).read_text())
@@ -397,27 +426,13 @@ def run_ours(lib_dir, lengths=PREFILL_LENGTHS, decode_tokens: int = 64, warmup: 
     torch = _torch() if on_gpu else None
     tvm.get_global_func("vm.builtin.memory_manager.clear")()
     free0, total = cuda.mem_info() if cuda else (None, None)
-    t0 = time.time()
-    weights, keep = {}, []
-    for name, shape, dtype in man["params"]:
-        w, owner = random_weight(name, shape, dtype, seed, dev, torch)
-        weights[name] = w
-        keep.append(owner)
-    weight_bytes = int(sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize for _, s, d in man["params"]))
-    make_s = time.time() - t0
     max_len = max(max(lengths), DECODE_PROMPT)
-    engine = Engine(str(lib_dir / "model.so"), weights, dev, max_seq_len=max_len + decode_tokens + 16,
-                    prefill_chunk_size=max_len, vocab_size=man["model_config"]["vocab_size"])
+    lm = _LoadedModel(lib_dir, dev, torch, seed, max_len + decode_tokens + 16, max_len)
+    engine, step = lm.engine, lm.step
     res = {"config": man["model_config"], "scheme": man["scheme"], "synthetic_plan": man["synthetic_plan"],
-           "weight_bytes": weight_bytes, "weights_made_s": round(make_s, 1), "prefill": {}, "decode": {}}
+           "weight_bytes": lm.weight_bytes, "weights_made_s": lm.weights_made_s, "prefill": {}, "decode": {}}
     rng = np.random.default_rng(seed)
     vocab = man["model_config"]["vocab_size"]
-
-    def step(fn_name, ids_dev, n):
-        engine._begin(engine.kv_cache, tvm_ffi.Shape([0]), tvm_ffi.Shape([n]))  # pylint: disable=protected-access
-        out = engine._funcs[fn_name](ids_dev, engine.kv_cache, *engine._args[fn_name])  # pylint: disable=protected-access
-        engine._end(engine.kv_cache)  # pylint: disable=protected-access
-        return out
 
     finite = True
     for n in lengths:
@@ -498,7 +513,7 @@ def run_ours(lib_dir, lengths=PREFILL_LENGTHS, decode_tokens: int = 64, warmup: 
                 step("decode", tok, 1)
 
         res["kernel_profile"]["decode_8_steps"] = kernel_profile(decode_8, torch)
-    del engine, weights, keep
+    del engine, step, lm
     gc.collect()
     if torch is not None:
         torch.cuda.empty_cache()
@@ -584,6 +599,98 @@ def run_tp(lib_dir, lengths=PREFILL_LENGTHS, decode_tokens: int = 64, warmup: in
         if torch is not None:
             torch.cuda.empty_cache()
     return res
+
+
+def run_interleaved(build_root, config: str, schemes: Optional[Sequence[str]] = None, lengths=PREFILL_LENGTHS,
+                    decode_tokens: int = 64, rounds: int = 20, warmup: int = 3, seed: int = 0) -> Dict:
+    """Every scheme of one config loaded at once and timed in turns: round ``r`` times each scheme
+    once (its order rotated every round), so slow drift of the card (clocks, temperature, other
+    processes) lands on every scheme alike. Keeps every sample; the ratios are those of the
+    medians and, per round, of the paired samples (their median and spread)."""
+    import tvm  # pylint: disable=import-outside-toplevel
+
+    cdir = pathlib.Path(build_root) / config
+    if not cdir.is_dir():
+        raise FileNotFoundError(f"{cdir} does not exist: pass a --config that `bench build` wrote under {build_root}")
+    dirs = sorted(d for d in cdir.iterdir() if (d / MANIFEST).is_file() and (schemes is None or d.name in schemes))
+    names = [d.name for d in dirs]
+    if "q0f16" not in names or len(names) < 2:
+        raise ValueError(f"interleaved timing needs q0f16 and at least one other scheme under {cdir}; found {names}")
+    on_gpu = str(json.loads((dirs[0] / MANIFEST).read_text()).get("target", "cuda")).startswith("cuda")
+    if on_gpu:
+        from mlc_quant.cuda_runtime import prepare_cuda_runtime  # pylint: disable=import-outside-toplevel
+
+        prepare_cuda_runtime()
+    dev = tvm.cuda(0) if on_gpu else tvm.cpu(0)
+    torch = _torch() if on_gpu else None
+    max_len = max(max(lengths), DECODE_PROMPT)
+    models = {d.name: _LoadedModel(d, dev, torch, seed, max_len + decode_tokens + 16, max_len) for d in dirs}
+    vocab = models["q0f16"].manifest["model_config"]["vocab_size"]
+    rng = np.random.default_rng(seed)
+    samples: Dict[str, Dict[str, List[float]]] = {s: {} for s in names}
+
+    def timed(fn, setup) -> float:
+        setup()
+        dev.sync()
+        t0 = time.perf_counter()
+        fn()
+        dev.sync()
+        return time.perf_counter() - t0
+
+    def prefill_of(m, ids, n):
+        return (lambda: m.step("prefill", ids, n)), m.engine.reset
+
+    tok = tvm.runtime.tensor(np.array([[7]], np.int32), dev)
+    prompt = tvm.runtime.tensor(rng.integers(0, vocab, (1, DECODE_PROMPT)).astype(np.int32), dev)
+
+    def decode_of(m):
+        def setup():
+            m.engine.reset()
+            m.step("prefill", prompt, DECODE_PROMPT)
+
+        def run():
+            for _ in range(decode_tokens):
+                m.step("decode", tok, 1)
+
+        return run, setup
+
+    cases = [(f"prefill_{n}", n) for n in lengths] + [("decode", None)]
+    for key, n in cases:
+        ids = None if n is None else tvm.runtime.tensor(rng.integers(0, vocab, (1, n)).astype(np.int32), dev)
+        fns = {s: (decode_of(m) if n is None else prefill_of(m, ids, n)) for s, m in models.items()}
+        for s in names:
+            for _ in range(warmup):
+                timed(*fns[s])
+            samples[s][key] = []
+        for r in range(rounds):
+            for s in names[r % len(names):] + names[:r % len(names)]:
+                samples[s][key].append(timed(*fns[s]))
+    out: Dict = {"device": _device_facts(), "config": config, "rounds": rounds, "warmup": warmup,
+                 "decode_tokens": decode_tokens, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "schemes": {},
+                 "ratios": {}}
+    for s in names:
+        out["schemes"][s] = {}
+        for key, n in cases:
+            t = samples[s][key]
+            work = decode_tokens if n is None else n
+            out["schemes"][s][key] = {"tokens_per_s": round(work / statistics.median(t), 1),
+                                      "ms_median": round(statistics.median(t) * 1e3, 3),
+                                      "ms_min": round(min(t) * 1e3, 3), "ms_max": round(max(t) * 1e3, 3),
+                                      "ms_samples": [round(x * 1e3, 3) for x in t]}
+    base = samples["q0f16"]
+    for s in names:
+        if s == "q0f16":
+            continue
+        out["ratios"][s] = {}
+        for key, _ in cases:
+            paired = sorted(b / x for b, x in zip(base[key], samples[s][key]))
+            out["ratios"][s][key] = {
+                "of_medians": round(statistics.median(base[key]) / statistics.median(samples[s][key]), 3),
+                "paired_median": round(statistics.median(paired), 3),
+                "paired_min": round(paired[0], 3), "paired_max": round(paired[-1], 3)}
+    del models
+    gc.collect()
+    return out
 
 
 def run_transformers(config: Dict, lengths=PREFILL_LENGTHS, decode_tokens: int = 64, warmup: int = 2,
@@ -784,6 +891,23 @@ def _device_facts() -> Dict:
     return facts
 
 
+def format_interleaved(out: Dict) -> str:
+    """tok/s per scheme and the ratios over q0f16 of an interleaved run."""
+    schemes = list(out["schemes"])
+    keys = list(out["schemes"][schemes[0]])
+    lines = [f"{out['config']}, {out['rounds']} rounds, {out['device'].get('nvidia_smi', '')}",
+             "| scheme | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for s in schemes:
+        lines.append(f"| {s} | " + " | ".join(f"{out['schemes'][s][k]['tokens_per_s']:.1f}" for k in keys) + " |")
+    lines += ["", "ratio over q0f16: of medians (paired per round: median [min, max])",
+              "| scheme | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for s, r in out["ratios"].items():
+        lines.append(f"| {s} | " + " | ".join(
+            f"{r[k]['of_medians']:.3f} ({r[k]['paired_median']:.3f} [{r[k]['paired_min']:.2f}, {r[k]['paired_max']:.2f}])"
+            for k in keys) + " |")
+    return "\n".join(lines)
+
+
 def format_table(out: Dict) -> str:
     """Markdown table of a run_all result."""
     lines = ["| model | implementation | prefill 128 tok/s | prefill 512 | prefill 2048 | decode b=1 tok/s | "
@@ -837,6 +961,16 @@ def add_args(p) -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--tp-session", choices=["thread", "process"], default="thread",
                    help="Disco session of tensor-parallel libraries: one process (threads) or one per GPU")
+    iv = sub.add_parser("interleave", help="one config's schemes loaded together and timed in turns (ratios "
+                                           "immune to drift of the card over a run)")
+    iv.add_argument("dir")
+    iv.add_argument("--config", default="llama2-7b", help="subfolder of DIR (default: llama2-7b)")
+    iv.add_argument("--schemes", default=None, help="comma-separated (default: every built one; q0f16 is required)")
+    iv.add_argument("--lengths", default=",".join(map(str, PREFILL_LENGTHS)))
+    iv.add_argument("--decode-tokens", type=int, default=64)
+    iv.add_argument("--rounds", type=int, default=20)
+    iv.add_argument("--warmup", type=int, default=3)
+    iv.add_argument("--json", default="interleave.json")
     t = sub.add_parser("table", help="markdown table of a bench JSON")
     t.add_argument("json")
     pl = sub.add_parser("plot", help="PNG of a bench JSON (needs matplotlib)")
@@ -863,6 +997,14 @@ def main(args) -> int:
         print(json.dumps(out.get("ratios", {}), indent=1))
         if out.get("tensor_parallel_ratios"):
             print(json.dumps({"tensor_parallel_ratios": out["tensor_parallel_ratios"]}, indent=1))
+        return 0
+    if args.bench_command == "interleave":
+        os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
+        out = run_interleaved(args.dir, args.config, args.schemes.split(",") if args.schemes else None,
+                              tuple(int(x) for x in args.lengths.split(",")), args.decode_tokens, args.rounds,
+                              args.warmup)
+        pathlib.Path(args.json).write_text(json.dumps(out, indent=1))
+        print(format_interleaved(out))
         return 0
     out = json.loads(pathlib.Path(args.json).read_text())
     if args.bench_command == "plot":

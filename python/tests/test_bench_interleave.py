@@ -1,0 +1,52 @@
+"""`bench interleave`: several builds of one config timed in turns, in one process.
+
+Runs on CPU builds of a tiny Llama (the GPU numbers live in docs/performance.md); what is checked
+here is the bookkeeping: every scheme timed once per round, the ratios are those of the samples
+kept, and bad input is refused with an error that says what to pass.
+"""
+import statistics
+
+import pytest
+
+from mlc_quant import bench
+
+
+@pytest.fixture(scope="module")
+def tiny_builds(tiny_llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench_builds")
+    cfg = bench.bench_config(tiny_llama_dir)
+    for scheme in ("q0f16", "smq_q8i8f16_0"):
+        bench.build_one(cfg, scheme, root / "tiny" / scheme, target="llvm")
+    return root
+
+
+def test_interleaved_samples_and_ratios(tiny_builds):
+    out = bench.run_interleaved(tiny_builds, "tiny", lengths=(8, 16), decode_tokens=3, rounds=4, warmup=1)
+    assert set(out["schemes"]) == {"q0f16", "smq_q8i8f16_0"}
+    keys = ["prefill_8", "prefill_16", "decode"]
+    for s, cells in out["schemes"].items():
+        assert list(cells) == keys, s
+        for k, c in cells.items():
+            assert len(c["ms_samples"]) == 4
+            assert c["ms_min"] <= c["ms_median"] <= c["ms_max"]
+            assert c["ms_median"] == pytest.approx(statistics.median(c["ms_samples"]), abs=2e-3)
+            work = 3 if k == "decode" else int(k.split("_")[1])
+            assert c["tokens_per_s"] == pytest.approx(work / (c["ms_median"] / 1e3), rel=1e-2)
+    r = out["ratios"]["smq_q8i8f16_0"]
+    for k in keys:
+        base = out["schemes"]["q0f16"][k]["ms_samples"]
+        other = out["schemes"]["smq_q8i8f16_0"][k]["ms_samples"]
+        assert r[k]["of_medians"] == pytest.approx(statistics.median(base) / statistics.median(other), rel=2e-2)
+        paired = sorted(b / o for b, o in zip(base, other))
+        assert r[k]["paired_min"] == pytest.approx(paired[0], rel=2e-2)
+        assert r[k]["paired_max"] == pytest.approx(paired[-1], rel=2e-2)
+        assert r[k]["paired_min"] <= r[k]["paired_median"] <= r[k]["paired_max"]
+    text = bench.format_interleaved(out)
+    assert "smq_q8i8f16_0" in text and "prefill_16" in text
+
+
+def test_interleaved_refuses_bad_input(tiny_builds):
+    with pytest.raises(FileNotFoundError, match="--config"):
+        bench.run_interleaved(tiny_builds, "no-such-config")
+    with pytest.raises(ValueError, match="needs q0f16"):
+        bench.run_interleaved(tiny_builds, "tiny", schemes=["smq_q8i8f16_0"])
