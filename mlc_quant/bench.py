@@ -602,11 +602,15 @@ def run_tp(lib_dir, lengths=PREFILL_LENGTHS, decode_tokens: int = 64, warmup: in
 
 
 def run_interleaved(build_root, config: str, schemes: Optional[Sequence[str]] = None, lengths=PREFILL_LENGTHS,
-                    decode_tokens: int = 64, rounds: int = 20, warmup: int = 3, seed: int = 0) -> Dict:
+                    decode_tokens: int = 64, rounds: int = 20, warmup: int = 3, seed: int = 0,
+                    order: str = "turns") -> Dict:
     """Every scheme of one config loaded at once and timed in turns: round ``r`` times each scheme
     once (its order rotated every round), so slow drift of the card (clocks, temperature, other
-    processes) lands on every scheme alike. Keeps every sample; the ratios are those of the
-    medians and, per round, of the paired samples (their median and spread)."""
+    processes) lands on every scheme alike. Keeps every sample and its host issue time; the
+    ratios are those of the medians and, per round, of the paired samples (their median and
+    spread). ``order="blocks"`` times all rounds of one scheme before the next instead."""
+    if order not in ("turns", "blocks"):
+        raise ValueError(f"order must be 'turns' or 'blocks', not {order!r}")
     import tvm  # pylint: disable=import-outside-toplevel
 
     cdir = pathlib.Path(build_root) / config
@@ -629,12 +633,17 @@ def run_interleaved(build_root, config: str, schemes: Optional[Sequence[str]] = 
     rng = np.random.default_rng(seed)
     samples: Dict[str, Dict[str, List[float]]] = {s: {} for s in names}
 
-    def timed(fn, setup) -> float:
+    issue: Dict[str, Dict[str, List[float]]] = {s: {} for s in names}
+
+    def timed(fn, setup, record=None) -> float:
         setup()
         dev.sync()
         t0 = time.perf_counter()
         fn()
+        t1 = time.perf_counter()
         dev.sync()
+        if record is not None:  # how long the host took to issue the work (vs the wall time)
+            record.append(t1 - t0)
         return time.perf_counter() - t0
 
     def prefill_of(m, ids, n):
@@ -661,11 +670,14 @@ def run_interleaved(build_root, config: str, schemes: Optional[Sequence[str]] = 
         for s in names:
             for _ in range(warmup):
                 timed(*fns[s])
-            samples[s][key] = []
-        for r in range(rounds):
-            for s in names[r % len(names):] + names[:r % len(names)]:
-                samples[s][key].append(timed(*fns[s]))
-    out: Dict = {"device": _device_facts(), "config": config, "rounds": rounds, "warmup": warmup,
+            samples[s][key], issue[s][key] = [], []
+        if order == "turns":
+            turns = [s for r in range(rounds) for s in names[r % len(names):] + names[:r % len(names)]]
+        else:  # "blocks": every sample of one scheme, then the next (what `bench run` does, one process)
+            turns = [s for s in names for _ in range(rounds)]
+        for s in turns:
+            samples[s][key].append(timed(*fns[s], issue[s][key]))
+    out: Dict = {"device": _device_facts(), "config": config, "order": order, "rounds": rounds, "warmup": warmup,
                  "decode_tokens": decode_tokens, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "schemes": {},
                  "ratios": {}}
     for s in names:
@@ -676,7 +688,9 @@ def run_interleaved(build_root, config: str, schemes: Optional[Sequence[str]] = 
             out["schemes"][s][key] = {"tokens_per_s": round(work / statistics.median(t), 1),
                                       "ms_median": round(statistics.median(t) * 1e3, 3),
                                       "ms_min": round(min(t) * 1e3, 3), "ms_max": round(max(t) * 1e3, 3),
-                                      "ms_samples": [round(x * 1e3, 3) for x in t]}
+                                      "ms_samples": [round(x * 1e3, 3) for x in t],
+                                      "issue_ms_median": round(statistics.median(issue[s][key]) * 1e3, 3),
+                                      "issue_ms_samples": [round(x * 1e3, 3) for x in issue[s][key]]}
     base = samples["q0f16"]
     for s in names:
         if s == "q0f16":
@@ -895,7 +909,8 @@ def format_interleaved(out: Dict) -> str:
     """tok/s per scheme and the ratios over q0f16 of an interleaved run."""
     schemes = list(out["schemes"])
     keys = list(out["schemes"][schemes[0]])
-    lines = [f"{out['config']}, {out['rounds']} rounds, {out['device'].get('nvidia_smi', '')}",
+    lines = [f"{out['config']}, {out['rounds']} rounds in {out.get('order', 'turns')}, "
+             f"{out['device'].get('nvidia_smi', '')}",
              "| scheme | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for s in schemes:
         lines.append(f"| {s} | " + " | ".join(f"{out['schemes'][s][k]['tokens_per_s']:.1f}" for k in keys) + " |")
@@ -970,6 +985,8 @@ def add_args(p) -> None:
     iv.add_argument("--decode-tokens", type=int, default=64)
     iv.add_argument("--rounds", type=int, default=20)
     iv.add_argument("--warmup", type=int, default=3)
+    iv.add_argument("--order", choices=["turns", "blocks"], default="turns",
+                    help="turns: one sample of each scheme per round (default); blocks: all of one scheme, then the next")
     iv.add_argument("--json", default="interleave.json")
     t = sub.add_parser("table", help="markdown table of a bench JSON")
     t.add_argument("json")
@@ -1002,7 +1019,7 @@ def main(args) -> int:
         os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
         out = run_interleaved(args.dir, args.config, args.schemes.split(",") if args.schemes else None,
                               tuple(int(x) for x in args.lengths.split(",")), args.decode_tokens, args.rounds,
-                              args.warmup)
+                              args.warmup, order=args.order)
         pathlib.Path(args.json).write_text(json.dumps(out, indent=1))
         print(format_interleaved(out))
         return 0

@@ -133,11 +133,16 @@ def _spec_symmetric(quantize_inside: bool, bias: bool, const=is_const) -> _Spec:
     return _Spec(name, Scheme.SYMMETRIC, y, roles, parts)
 
 
-def _spec_asymmetric(quantize_inside: bool, bias: bool, const=is_const) -> _Spec:
+def _spec_asymmetric(quantize_inside: bool, bias: bool, const=is_const, given_rowsum: bool = False) -> _Spec:
+    """``given_rowsum``: the row sums of the int8 x are an operand (written by the norm / SiLU
+    kernel that quantized x: passes/fuse_act_quantize.py) instead of computed in the pattern."""
     roles, parts = {}, {}
     xq = _int8_x(quantize_inside, roles, parts)
     acc = _int8_matmul(xq, roles, parts)
-    parts["rowsum"] = rs = is_op("relax.sum")(is_op("relax.astype")(xq))
+    if given_rowsum:
+        roles["row_sum"] = rs = wildcard()
+    else:
+        parts["rowsum"] = rs = is_op("relax.sum")(is_op("relax.astype")(xq))
     roles["w_zero"], roles["corr"] = zw, c = wildcard(), wildcard()
     t = is_op("relax.subtract")(acc, is_op("relax.multiply")(rs, zw))
     t = is_op("relax.subtract")(t, c)
@@ -146,7 +151,8 @@ def _spec_asymmetric(quantize_inside: bool, bias: bool, const=is_const) -> _Spec
     parts["dequantize"] = y = is_op("relax.dequantize")(t, s, z)
     if bias:
         y = _add_bias(y, roles)
-    name = f"{INT8_CODEGEN}.w8a8_asym{'_q' if quantize_inside else ''}{'_bias' if bias else ''}"
+    kind = "_rs" if given_rowsum else "_q" if quantize_inside else ""
+    name = f"{INT8_CODEGEN}.w8a8_asym{kind}{'_bias' if bias else ''}"
     return _Spec(name, Scheme.ASYMMETRIC, y, roles, parts)
 
 
@@ -218,6 +224,8 @@ def _specs(const=is_const) -> List[_Spec]:
     for bias in (True, False):
         for q in (True, False):
             out += [_spec_asymmetric(q, bias, const), _spec_per_token(q, bias, const), _spec_symmetric(q, bias, const)]
+    for bias in (True, False):  # after the forms that compute the row sums in the pattern
+        out.append(_spec_asymmetric(False, bias, const, given_rowsum=True))
     for bias in (True, False):
         out += [_spec_float(False, bias, const), _spec_float(True, bias, const)]
     return out
@@ -361,13 +369,20 @@ def _check_asymmetric(spec: _Spec, exprs, root) -> bool:
     n = _check_int8_common(spec, exprs, root)
     if n is None or not _check_static_quantize(exprs) or not _check_dequantize(exprs, n):
         return False
-    rs = exprs["rowsum"]
-    axis = rs.attrs.axis
-    ndim = len(_shape(rs.args[0]))
-    if _dtype(rs) != "int32" or not bool(rs.attrs.keepdims) or axis is None or len(axis) != 1:
-        return False
-    if int(axis[0]) not in (-1, ndim - 1):
-        return False
+    if "row_sum" in exprs:  # given: int32 [..., 1], one per row of x (RunLinear checks the count)
+        rs_shape, x_shape = _shape(exprs["row_sum"]), _shape(exprs["x"])
+        if _dtype(exprs["row_sum"]) != "int32" or rs_shape is None or len(rs_shape) != len(x_shape):
+            return False
+        if _static(rs_shape[-1]) != 1:
+            return False
+    else:
+        rs = exprs["rowsum"]
+        axis = rs.attrs.axis
+        ndim = len(_shape(rs.args[0]))
+        if _dtype(rs) != "int32" or not bool(rs.attrs.keepdims) or axis is None or len(axis) != 1:
+            return False
+        if int(axis[0]) not in (-1, ndim - 1):
+            return False
     zw, c = exprs["w_zero"], exprs["corr"]
     return _dtype(zw) == "int32" and _dtype(c) == "int32" and _is_vector_n(zw, n) and _is_vector_n(c, n)
 

@@ -9,6 +9,9 @@ and, per token, the row scales; the linear gets int8 x (dispatch's int8-x patter
 * static (smq_q8i8f16_0/1/2): ``quantize(y, s, z)`` (scalar constants, int8 out) of
   ``y = mlcq_rms_norm(...)`` / ``mlcq_add_rms_norm(...)[1]`` / ``mlcq_silu_mul(...)``
   -> ``mlcq_rms_norm_q`` / ``mlcq_add_rms_norm_q`` (outputs: sum, q) / ``mlcq_silu_mul_q``;
+  where the int8 output's row sums ``sum(astype(q, int32), -1, keepdims)`` are taken (the
+  asymmetric-weight linear of smq_q8i8f16_2 subtracts ``rowsum * w_zero``), the ``_qs`` kernels
+  write them too (last output), so the linear does not read q once more in a kernel of its own;
 * per token (smq_q8i8f16_3), QuantizeLinear's IR: ``xf = astype(y, f32)``,
   ``st = maximum(max(abs(xf), -1, keepdims) / 127, eps)``,
   ``q = astype(clip(round(xf / st), -127, 127), int8)`` -> the ``_qt`` kernels, whose outputs
@@ -65,10 +68,11 @@ def _const_value(e) -> Optional[float]:
 class _Site:  # pylint: disable=too-few-public-methods
     """One fusion: the kernel call var, the var of its fp16 output, the new outputs' vars."""
 
-    def __init__(self, call_var, out_var, kind, q_var, scalars, st_var=None, dropped=()):
+    def __init__(self, call_var, out_var, kind, q_var, scalars, st_var=None, dropped=(), rs_vars=()):
         self.call_var, self.out_var, self.kind = call_var, out_var, kind
         self.q_var, self.st_var, self.scalars = q_var, st_var, scalars
         self.dropped = set(dropped)
+        self.rs_vars = list(rs_vars)  # row sums of q the kernel writes as well (static only)
 
 
 @mutator
@@ -109,7 +113,30 @@ class _Fuser(PyExprMutator):
         call_var, out_var, kernel = src
         if not self.only_user(out_var, q_var):
             return None
-        return _Site(call_var, out_var, kernel, q_var, [s, z], dropped=[out_var] if call_var is not out_var else [])
+        dropped = [out_var] if call_var is not out_var else []
+        rs_vars = []
+        if kernel in (RMS_NORM, ADD_RMS_NORM) or int(q_var.ty.shape.values[-1]) <= SILU_MAX_PER_TOKEN:
+            for cast_var, rs_var in self._row_sums(q_var):
+                dropped.append(cast_var)
+                rs_vars.append(rs_var)
+        return _Site(call_var, out_var, kernel, q_var, [s, z], dropped=dropped, rs_vars=rs_vars)
+
+    def _row_sums(self, q_var) -> List[Tuple[relax.Var, relax.Var]]:
+        """(cast var, sum var) of every ``sum(astype(q, int32), axis=-1, keepdims=True)`` of q."""
+        out = []
+        ndim = len(q_var.ty.shape.values)
+        for cast_var in self.users.get(q_var, []):
+            cast = self.table.get(cast_var)
+            if not (_is_call(cast, "relax.astype") and str(cast.attrs.dtype) == "int32"):
+                continue
+            users = list(self.users.get(cast_var, []))
+            if len(users) != 1:
+                continue
+            red = self.table.get(users[0])
+            axis = [int(a) % ndim for a in (red.attrs.axis or [])] if _is_call(red, "relax.sum") else None
+            if axis == [ndim - 1] and bool(red.attrs.keepdims) and str(red.ty.dtype) == "int32":
+                out.append((cast_var, users[0]))
+        return out
 
     def _per_token_site(self, q_var, q) -> Optional[_Site]:
         # q = astype(clip(round(divide(xf, st)), -127, 127), int8), xf = astype(y, float32),
@@ -182,6 +209,8 @@ class _Fuser(PyExprMutator):
             self.rebind[site.q_var] = (site.call_var, base)
             if site.st_var is not None:
                 self.rebind[site.st_var] = (site.call_var, base + 1)
+            for rs_var in site.rs_vars:
+                self.rebind[rs_var] = (site.call_var, base + 1)
 
     def visit_var_binding_(self, binding: relax.VarBinding) -> None:
         var = binding.var
@@ -209,8 +238,8 @@ class _Fuser(PyExprMutator):
     def _emit_fused(self, site: _Site, call: relax.Call) -> None:
         args = [self.visit_expr(a) for a in call.args[1].fields] + list(site.scalars)
         per_token = site.st_var is not None
-        name = site.kind + ("_qt" if per_token else "_q")
-        outs = [site.q_var.ty] + ([site.st_var.ty] if per_token else [])
+        name = site.kind + ("_qt" if per_token else "_qs" if site.rs_vars else "_q")
+        outs = [site.q_var.ty] + ([site.st_var.ty] if per_token else []) + [v.ty for v in site.rs_vars[:1]]
         if site.kind == ADD_RMS_NORM:
             outs = [site.call_var.ty.fields[0]] + outs
         new = self._emit(relax.call_dps_packed(name, args, outs if len(outs) > 1 else outs[0]), site.call_var)

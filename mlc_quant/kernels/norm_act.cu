@@ -22,6 +22,10 @@
 //        mlcq_rms_norm_qt(x, w, eps, tok_eps, q, s_row), mlcq_add_rms_norm_qt(a, b, w, eps, tok_eps,
 //        sum, q, s_row), mlcq_silu_mul_qt(gate_up, tok_eps, q, s_row), mlcq_silu_mul2_qt(gate, up, tok_eps,
 //        q, s_row)  (s_row: float32 [.., 1])
+//   *_qs (static, plus the row sums sum_k q[.., k] an asymmetric-weight linear needs: int32 [.., 1]):
+//        mlcq_rms_norm_qs(x, w, eps, s, z, q, rowsum), mlcq_add_rms_norm_qs(a, b, w, eps, s, z, sum, q,
+//        rowsum), mlcq_silu_mul_qs(gate_up, s, z, q, rowsum), mlcq_silu_mul2_qs(gate, up, s, z, q, rowsum)
+//        (I <= 16384 for the SiLU ones: one row per block)
 // where y is the fp16-rounded norm / SiLU * up output.
 //
 // Requirements (checked; the Relax pass only rewrites shapes that meet them): float16, compact,
@@ -84,13 +88,20 @@ struct MaxOp {
   __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
 };
 
-__device__ __forceinline__ void StoreQ8(int8_t* dst, const uint4& h, float s, float r, float z, float lo) {
+// Stores 8 int8 values; returns their sum (the asymmetric linear's row sum, when asked for).
+__device__ __forceinline__ int StoreQ8(int8_t* dst, const uint4& h, float s, float r, float z, float lo) {
   float f[kVec];
   Unpack(h, f);
   int8_t o[kVec];
+  int sum = 0;
 #pragma unroll
-  for (int j = 0; j < kVec; ++j) o[j] = static_cast<int8_t>(mlcq::quantize_one(f[j], s, r, z, lo));
+  for (int j = 0; j < kVec; ++j) {
+    const int v = mlcq::quantize_one(f[j], s, r, z, lo);
+    o[j] = static_cast<int8_t>(v);
+    sum += v;
+  }
   *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(o);
+  return sum;
 }
 
 __device__ __forceinline__ float AbsMax8(const uint4& h, float m) {
@@ -108,6 +119,7 @@ struct QuantOut {
   const int8_t* z = nullptr;   // static: the zero point (device scalar)
   const float* eps = nullptr;  // per token: the scale floor (device scalar)
   float* s_row = nullptr;      // per token: the scales written
+  int32_t* rowsum = nullptr;   // static, optional: sum_k q[row, k] for the asymmetric linear
 };
 
 constexpr int kFp16Out = 0, kStatic = 1, kPerToken = 2;
@@ -142,10 +154,18 @@ __device__ __forceinline__ void WriteRow(const uint4 (&y)[kMaxC], int64_t row, i
   }
   const float r = 1.f / s;
   int8_t* qr = qo.q + row * static_cast<int64_t>(chunks) * kVec;
+  int sum = 0;
 #pragma unroll
   for (int i = 0; i < kMaxC; ++i) {
     const int c = threadIdx.x + i * blockDim.x;
-    if (c < chunks) StoreQ8(qr + c * kVec, y[i], s, r, z, lo);
+    if (c < chunks) sum += StoreQ8(qr + c * kVec, y[i], s, r, z, lo);
+  }
+  if constexpr (kQuant == kStatic) {
+    // |sum| <= 32768 * 128 < 2^24: exact in the float reduction (smem is free on this path).
+    if (qo.rowsum != nullptr) {
+      const float t = BlockReduce(static_cast<float>(sum), smem, SumOp());
+      if (threadIdx.x == 0) qo.rowsum[row] = static_cast<int32_t>(t);
+    }
   }
 }
 
@@ -234,9 +254,11 @@ __global__ void SiluMulKernel(const uint4* __restrict__ g, const uint4* __restri
   }
 }
 
-// Per-token int8: one row per block (the row max needs the whole row), kMaxSiluChunks per thread.
+// Per-token int8, or static int8 with the row sums: one row per block (the row max / sum needs
+// the whole row), kMaxSiluChunks per thread.
 constexpr int kSiluThreads = 256, kMaxSiluChunks = 8;
 
+template <int kQuant>
 __global__ void SiluMulRowKernel(const uint4* __restrict__ g, const uint4* __restrict__ u, int64_t stride, int chunks,
                                  QuantOut qo) {
   mlcq::PdlWaitAndRelease();
@@ -248,7 +270,7 @@ __global__ void SiluMulRowKernel(const uint4* __restrict__ g, const uint4* __res
     const int c = threadIdx.x + i * blockDim.x;
     if (c < chunks) y[i] = SiluMul8(__ldg(g + row * stride + c), __ldg(u + row * stride + c));
   }
-  WriteRow<kPerToken, kMaxSiluChunks>(y, row, chunks, nullptr, qo, smem_max);
+  WriteRow<kQuant, kMaxSiluChunks>(y, row, chunks, nullptr, qo, smem_max);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -299,7 +321,8 @@ void CheckHalf(const TensorView& t, const char* fn, const char* what, int64_t la
 
 // The int8 output and its scalars / per-row scales of a W8A8 variant.
 QuantOut MakeQuantOut(const char* fn, int quant, const TensorView& q, const TensorView* s, const TensorView* z,
-                      const TensorView* eps, const TensorView* s_row, int64_t h, int64_t rows) {
+                      const TensorView* eps, const TensorView* s_row, int64_t h, int64_t rows,
+                      const TensorView* rowsum = nullptr) {
   QuantOut qo;
   if (quant == kFp16Out) return qo;
   CheckTensor(q, fn, "int8 output", kDLInt, 8, "int8", h, rows, 8);
@@ -309,6 +332,10 @@ QuantOut MakeQuantOut(const char* fn, int quant, const TensorView& q, const Tens
     CheckTensor(*z, fn, "zero point", kDLInt, 8, "int8", -1, 1, 1);
     qo.s = Ptr<const float>(*s);
     qo.z = Ptr<const int8_t>(*z);
+    if (rowsum != nullptr) {
+      CheckTensor(*rowsum, fn, "row sum output", kDLInt, 32, "int32", -1, rows, 4);
+      qo.rowsum = Ptr<int32_t>(*rowsum);
+    }
   } else {
     CheckTensor(*eps, fn, "token eps", kDLFloat, 32, "float32", -1, 1, 4);
     CheckTensor(*s_row, fn, "token scale output", kDLFloat, 32, "float32", -1, rows, 4);
@@ -338,7 +365,8 @@ void LaunchRmsNormT(int64_t rows, int threads, cudaStream_t stream, const Tensor
 // quant: kFp16Out (out given), kStatic (q, s, z given), kPerToken (q, tok_eps, s_row given).
 void LaunchRmsNorm(const char* fn, int quant, const TensorView& a, const TensorView* b, const TensorView& w,
                    double eps, const TensorView* sum_out, const TensorView* out, const TensorView* q,
-                   const TensorView* s, const TensorView* z, const TensorView* tok_eps, const TensorView* s_row) {
+                   const TensorView* s, const TensorView* z, const TensorView* tok_eps, const TensorView* s_row,
+                   const TensorView* rowsum = nullptr) {
   const int64_t h = a.ndim() >= 1 ? a.shape()[a.ndim() - 1] : 0, rows = Rows(a);
   if (h % kVec != 0 || h > 32768 || h == 0) {
     TVM_FFI_THROW(ValueError) << fn << ": hidden size " << h << " must be a positive multiple of 8, <= 32768";
@@ -348,7 +376,7 @@ void LaunchRmsNorm(const char* fn, int quant, const TensorView& a, const TensorV
   CheckHalf(w, fn, "weight", h, 1);
   if (sum_out != nullptr) CheckHalf(*sum_out, fn, "sum output", h, rows);
   if (out != nullptr) CheckHalf(*out, fn, "output", h, rows);
-  const QuantOut qo = MakeQuantOut(fn, quant, q ? *q : a, s, z, tok_eps, s_row, h, rows);
+  const QuantOut qo = MakeQuantOut(fn, quant, q ? *q : a, s, z, tok_eps, s_row, h, rows, rowsum);
   if (rows == 0) return;
   if (rows > 0x7fffffff) TVM_FFI_THROW(ValueError) << fn << ": too many rows (" << rows << ")";
   const int chunks = static_cast<int>(h / kVec);
@@ -388,6 +416,15 @@ void AddRmsNormQ(TensorView a, TensorView b, TensorView w, double eps, TensorVie
                  TensorView sum_out, TensorView q) {
   LaunchRmsNorm("mlcq_add_rms_norm_q", kStatic, a, &b, w, eps, &sum_out, nullptr, &q, &s, &z, nullptr, nullptr);
 }
+void RmsNormQs(TensorView x, TensorView w, double eps, TensorView s, TensorView z, TensorView q, TensorView rowsum) {
+  LaunchRmsNorm("mlcq_rms_norm_qs", kStatic, x, nullptr, w, eps, nullptr, nullptr, &q, &s, &z, nullptr, nullptr,
+                &rowsum);
+}
+void AddRmsNormQs(TensorView a, TensorView b, TensorView w, double eps, TensorView s, TensorView z,
+                  TensorView sum_out, TensorView q, TensorView rowsum) {
+  LaunchRmsNorm("mlcq_add_rms_norm_qs", kStatic, a, &b, w, eps, &sum_out, nullptr, &q, &s, &z, nullptr, nullptr,
+                &rowsum);
+}
 void RmsNormQt(TensorView x, TensorView w, double eps, TensorView tok_eps, TensorView q, TensorView s_row) {
   LaunchRmsNorm("mlcq_rms_norm_qt", kPerToken, x, nullptr, w, eps, nullptr, nullptr, &q, nullptr, nullptr, &tok_eps,
                 &s_row);
@@ -412,7 +449,7 @@ int SmCount(int device) {
 // gate_up [.., 2I] (merged; up == nullptr) or gate [.., I] and up [.., I] (two tensors).
 void LaunchSiluMul(const char* fn, int quant, const TensorView& gate_up, const TensorView* up, const TensorView* out,
                    const TensorView* q, const TensorView* s, const TensorView* z, const TensorView* tok_eps,
-                   const TensorView* s_row) {
+                   const TensorView* s_row, const TensorView* rowsum = nullptr) {
   const int64_t width = gate_up.ndim() >= 1 ? gate_up.shape()[gate_up.ndim() - 1] : 0, rows = Rows(gate_up);
   const int64_t inter = up == nullptr ? width / 2 : width;
   if (inter % kVec != 0 || inter == 0 || (up == nullptr && width % 2 != 0)) {
@@ -420,24 +457,29 @@ void LaunchSiluMul(const char* fn, int quant, const TensorView& gate_up, const T
                               << (up == nullptr ? 16 : 8);
   }
   const int chunks = static_cast<int>(inter / kVec);
-  if (quant == kPerToken && chunks > kSiluThreads * kMaxSiluChunks) {
+  const bool by_row = quant == kPerToken || rowsum != nullptr;  // needs the whole row in one block
+  if (by_row && chunks > kSiluThreads * kMaxSiluChunks) {
     TVM_FFI_THROW(ValueError) << fn << ": intermediate size " << inter << " above "
                               << kSiluThreads * kMaxSiluChunks * kVec;
   }
   CheckHalf(gate_up, fn, up == nullptr ? "gate_up" : "gate", width, -1);
   if (up != nullptr) CheckHalf(*up, fn, "up", inter, rows);
   if (out != nullptr) CheckHalf(*out, fn, "output", inter, rows);
-  const QuantOut qo = MakeQuantOut(fn, quant, q ? *q : gate_up, s, z, tok_eps, s_row, inter, rows);
+  const QuantOut qo = MakeQuantOut(fn, quant, q ? *q : gate_up, s, z, tok_eps, s_row, inter, rows, rowsum);
   const int64_t total = rows * chunks;
   if (total == 0) return;
   const uint4* g = In(gate_up);
   const uint4* u = up == nullptr ? g + chunks : In(*up);
   const int64_t stride = up == nullptr ? 2 * static_cast<int64_t>(chunks) : chunks;
   cudaStream_t stream = StreamOf(gate_up);
-  if (quant == kPerToken) {
+  if (by_row) {
     if (rows > 0x7fffffff) TVM_FFI_THROW(ValueError) << fn << ": too many rows (" << rows << ")";
-    mlcq::LaunchPdl(mlcq::kPdlNorm, SiluMulRowKernel, dim3(static_cast<unsigned>(rows)), dim3(kSiluThreads), 0, stream, g, u,
-                    stride, chunks, qo);
+    const dim3 grid(static_cast<unsigned>(rows)), block(kSiluThreads);
+    if (quant == kPerToken) {
+      mlcq::LaunchPdl(mlcq::kPdlNorm, SiluMulRowKernel<kPerToken>, grid, block, 0, stream, g, u, stride, chunks, qo);
+    } else {
+      mlcq::LaunchPdl(mlcq::kPdlNorm, SiluMulRowKernel<kStatic>, grid, block, 0, stream, g, u, stride, chunks, qo);
+    }
   } else {
     // One chunk per thread up to 64 waves of the GPU (a grid-stride loop beyond): every load of
     // a prefill in flight at once.
@@ -463,6 +505,9 @@ void SiluMul(TensorView gate_up, TensorView out) {
 void SiluMulQ(TensorView gate_up, TensorView s, TensorView z, TensorView q) {
   LaunchSiluMul("mlcq_silu_mul_q", kStatic, gate_up, nullptr, nullptr, &q, &s, &z, nullptr, nullptr);
 }
+void SiluMulQs(TensorView gate_up, TensorView s, TensorView z, TensorView q, TensorView rowsum) {
+  LaunchSiluMul("mlcq_silu_mul_qs", kStatic, gate_up, nullptr, nullptr, &q, &s, &z, nullptr, nullptr, &rowsum);
+}
 void SiluMulQt(TensorView gate_up, TensorView tok_eps, TensorView q, TensorView s_row) {
   LaunchSiluMul("mlcq_silu_mul_qt", kPerToken, gate_up, nullptr, nullptr, &q, nullptr, nullptr, &tok_eps, &s_row);
 }
@@ -472,6 +517,9 @@ void SiluMul2(TensorView gate, TensorView up, TensorView out) {
 }
 void SiluMul2Q(TensorView gate, TensorView up, TensorView s, TensorView z, TensorView q) {
   LaunchSiluMul("mlcq_silu_mul2_q", kStatic, gate, &up, nullptr, &q, &s, &z, nullptr, nullptr);
+}
+void SiluMul2Qs(TensorView gate, TensorView up, TensorView s, TensorView z, TensorView q, TensorView rowsum) {
+  LaunchSiluMul("mlcq_silu_mul2_qs", kStatic, gate, &up, nullptr, &q, &s, &z, nullptr, nullptr, &rowsum);
 }
 void SiluMul2Qt(TensorView gate, TensorView up, TensorView tok_eps, TensorView q, TensorView s_row) {
   LaunchSiluMul("mlcq_silu_mul2_qt", kPerToken, gate, &up, nullptr, &q, nullptr, nullptr, &tok_eps, &s_row);
@@ -492,3 +540,7 @@ TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_silu_mul_qt, mlcq_norm_act::SiluMulQt);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_silu_mul2, mlcq_norm_act::SiluMul2);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_silu_mul2_q, mlcq_norm_act::SiluMul2Q);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_silu_mul2_qt, mlcq_norm_act::SiluMul2Qt);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_rms_norm_qs, mlcq_norm_act::RmsNormQs);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_add_rms_norm_qs, mlcq_norm_act::AddRmsNormQs);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_silu_mul_qs, mlcq_norm_act::SiluMulQs);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_silu_mul2_qs, mlcq_norm_act::SiluMul2Qs);

@@ -20,14 +20,18 @@ def tiny_builds(tiny_llama_dir, tmp_path_factory):
     return root
 
 
-def test_interleaved_samples_and_ratios(tiny_builds):
-    out = bench.run_interleaved(tiny_builds, "tiny", lengths=(8, 16), decode_tokens=3, rounds=4, warmup=1)
+@pytest.mark.parametrize("order", ["turns", "blocks"])
+def test_interleaved_samples_and_ratios(tiny_builds, order):
+    out = bench.run_interleaved(tiny_builds, "tiny", lengths=(8, 16), decode_tokens=3, rounds=4, warmup=1,
+                                order=order)
+    assert out["order"] == order
     assert set(out["schemes"]) == {"q0f16", "smq_q8i8f16_0"}
     keys = ["prefill_8", "prefill_16", "decode"]
     for s, cells in out["schemes"].items():
         assert list(cells) == keys, s
         for k, c in cells.items():
-            assert len(c["ms_samples"]) == 4
+            assert len(c["ms_samples"]) == 4 and len(c["issue_ms_samples"]) == 4
+            assert all(i <= w + 1e-3 for i, w in zip(c["issue_ms_samples"], c["ms_samples"]))
             assert c["ms_min"] <= c["ms_median"] <= c["ms_max"]
             assert c["ms_median"] == pytest.approx(statistics.median(c["ms_samples"]), abs=2e-3)
             work = 3 if k == "decode" else int(k.split("_")[1])
@@ -50,3 +54,5 @@ def test_interleaved_refuses_bad_input(tiny_builds):
         bench.run_interleaved(tiny_builds, "no-such-config")
     with pytest.raises(ValueError, match="needs q0f16"):
         bench.run_interleaved(tiny_builds, "tiny", schemes=["smq_q8i8f16_0"])
+    with pytest.raises(ValueError, match="order must be"):
+        bench.run_interleaved(tiny_builds, "tiny", order="random")

@@ -7,6 +7,7 @@ kernel library comes from MLC_QUANT_KERNEL_LIB or is built here (nvcc).
     the float64 value (|err| <= 2^-9 |ref| + 1e-6); an all-zero row normalizes to 0 (finite);
   * the W8A8 variants (_q static, _qt per token) write exactly the int8 values (and row scales)
     that quantizing the fp16 kernels' output in float32 numpy gives (a zero row: scale = eps);
+    the _qs variants the same int8 values plus their exact int32 row sums;
   * bad arguments raise with the function's name.
 The Relax rewrite that calls them: test_norm_act.py.
 """
@@ -126,6 +127,16 @@ def test_gpu_norm_quant_variants_equal_unfused(klib, rows, hidden):
     np.testing.assert_array_equal(q.cpu().numpy(), _ref_quant_static(y_add, s, z))
     klib["mlcq_rms_norm_q"](da, dw, 1e-5, ds, dz, q)
     np.testing.assert_array_equal(q.cpu().numpy(), _ref_quant_static(y_one, s, z))
+    rs = torch.full((1, rows, 1), -(2 ** 31), dtype=torch.int32, device="cuda")
+    q.fill_(99)
+    klib["mlcq_add_rms_norm_qs"](da, db, dw, 1e-5, ds, dz, sum_out, q, rs)
+    want = _ref_quant_static(y_add, s, z)
+    np.testing.assert_array_equal(q.cpu().numpy(), want)
+    np.testing.assert_array_equal(rs.cpu().numpy(), want.astype(np.int64).sum(-1, keepdims=True))
+    klib["mlcq_rms_norm_qs"](da, dw, 1e-5, ds, dz, q, rs)
+    want = _ref_quant_static(y_one, s, z)
+    np.testing.assert_array_equal(q.cpu().numpy(), want)
+    np.testing.assert_array_equal(rs.cpu().numpy(), want.astype(np.int64).sum(-1, keepdims=True))
     klib["mlcq_add_rms_norm_qt"](da, db, dw, 1e-5, deps, sum_out, q, s_row)
     want_q, want_s = _ref_quant_token(y_add, eps_tok)
     np.testing.assert_array_equal(s_row.cpu().numpy(), want_s)
@@ -152,6 +163,11 @@ def test_gpu_silu_quant_variants_equal_unfused(klib, rows, inter):
     q = torch.empty((rows, inter), dtype=torch.int8, device="cuda")
     klib["mlcq_silu_mul_q"](dgu, ds, dz, q)
     np.testing.assert_array_equal(q.cpu().numpy(), _ref_quant_static(y, s, z))
+    q.fill_(99)
+    rs = torch.full((rows, 1), -(2 ** 31), dtype=torch.int32, device="cuda")
+    klib["mlcq_silu_mul_qs"](dgu, ds, dz, q, rs)
+    np.testing.assert_array_equal(q.cpu().numpy(), _ref_quant_static(y, s, z))
+    np.testing.assert_array_equal(rs.cpu().numpy(), _ref_quant_static(y, s, z).astype(np.int64).sum(-1, keepdims=True))
     s_row = torch.empty((rows, 1), dtype=torch.float32, device="cuda")
     klib["mlcq_silu_mul_qt"](dgu, deps, q, s_row)
     want_q, want_s = _ref_quant_token(y, eps_tok)
@@ -166,6 +182,10 @@ def test_gpu_quant_variants_reject_bad_arguments(klib):
     with pytest.raises(Exception, match="mlcq_silu_mul_qt.*intermediate size"):
         klib["mlcq_silu_mul_qt"](gu, torch.tensor(1e-8).cuda(), torch.zeros((2, 16392), dtype=torch.int8, device="cuda"),
                                  torch.zeros((2, 1), device="cuda"))
+    with pytest.raises(Exception, match="mlcq_silu_mul_qs.*intermediate size"):
+        klib["mlcq_silu_mul_qs"](gu, torch.tensor(0.5).cuda(), torch.tensor(0, dtype=torch.int8).cuda(),
+                                 torch.zeros((2, 16392), dtype=torch.int8, device="cuda"),
+                                 torch.zeros((2, 1), dtype=torch.int32, device="cuda"))
     x = torch.zeros((2, 16), dtype=torch.float16, device="cuda")
     w = torch.ones((16,), dtype=torch.float16, device="cuda")
     with pytest.raises(Exception, match="mlcq_rms_norm_q.*scale must be a float32"):
@@ -194,7 +214,11 @@ def test_gpu_two_tensor_silu_equals_merged(klib, rows, inter):
         klib[f"mlcq_silu_mul{suffix}"](*ins, y)
         klib[f"mlcq_silu_mul{suffix}_q"](*ins, ds, dz, q)
         klib[f"mlcq_silu_mul{suffix}_qt"](*ins, deps, qt, st)
-        outs.append([t.cpu().numpy() for t in (y, q, qt, st)])
+        qs = torch.empty((rows, inter), dtype=torch.int8, device="cuda")
+        rs = torch.empty((rows, 1), dtype=torch.int32, device="cuda")
+        klib[f"mlcq_silu_mul{suffix}_qs"](*ins, ds, dz, qs, rs)
+        np.testing.assert_array_equal(qs.cpu().numpy(), q.cpu().numpy())
+        outs.append([t.cpu().numpy() for t in (y, q, qt, st, rs)])
     for a, b in zip(*outs):
         np.testing.assert_array_equal(a, b)
 
@@ -248,3 +272,36 @@ def test_gpu_dependent_chain_without_syncs(klib, rows):
         got_x, got_r = run(sync=False)
         np.testing.assert_array_equal(got_r, want_r)
         np.testing.assert_array_equal(got_x, want_x)
+
+
+@needs_gpu
+@pytest.mark.parametrize("rows", [1, 7, 512])
+def test_gpu_asym_linear_takes_the_norms_row_sums(klib, rows):
+    """smq_q8i8f16_2's chain: mlcq_add_rms_norm_qs writes q and its row sums, and the asymmetric
+    linear given those sums gives what it gives when it sums q itself, bit for bit, and the
+    float64 reference (dequant(q @ wq^T - rs * zw - c) within fp16 rounding)."""
+    torch = _torch_cuda()
+    rng = np.random.default_rng()
+    hidden, n = 4096, 1024
+    a = (rng.standard_normal((1, rows, hidden)) * 3).astype(np.float16)
+    b = (rng.standard_normal((1, rows, hidden)) * 0.5).astype(np.float16)
+    w = rng.uniform(0.2, 2.0, hidden).astype(np.float16)
+    wq = rng.integers(-127, 128, (n, hidden), dtype=np.int8)
+    zw = rng.integers(-10, 10, n).astype(np.int32)
+    c = rng.integers(-5000, 5000, n).astype(np.int32)
+    sc = (rng.uniform(0.5, 1.5, n) / 2e4).astype(np.float32)
+    da, db, dw, dwq, dzw, dc, dsc = (torch.from_numpy(v).cuda() for v in (a, b, w, wq, zw, c, sc))
+    ds, dz = torch.tensor(np.float32(0.03)).cuda(), torch.tensor(np.int8(-4)).cuda()
+    sum_out = torch.empty_like(da)
+    q = torch.empty(da.shape, dtype=torch.int8, device="cuda")
+    rs = torch.empty((1, rows, 1), dtype=torch.int32, device="cuda")
+    klib["mlcq_add_rms_norm_qs"](da, db, dw, 1e-5, ds, dz, sum_out, q, rs)
+    outs = []
+    for given in (rs, None):
+        out = torch.empty((1, rows, n), dtype=torch.float16, device="cuda")
+        klib["mlcq_linear"](2, 0, q, dwq, False, None, None, None, None, dsc, dzw, dc, given, None, out)
+        outs.append(out.cpu().numpy())
+    np.testing.assert_array_equal(outs[0], outs[1])
+    qn = q.cpu().numpy().reshape(rows, hidden).astype(np.int64)
+    acc = qn @ wq.astype(np.int64).T - qn.sum(-1, keepdims=True) * zw - c
+    _close(outs[0].reshape(rows, n), acc * sc.astype(np.float64), "asym linear with given row sums")
