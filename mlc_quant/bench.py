@@ -253,8 +253,9 @@ def random_weight(name: str, shape, dtype: str, seed: int, device, torch=None):
     return tvm.runtime.tensor(a, device), None
 
 
-def _median_time(fn, sync, warmup: int, repeat: int, setup=None) -> float:
-    """Median wall time of ``fn()`` + device synchronize; ``setup()`` runs untimed before each."""
+def _median_time(fn, sync, warmup: int, repeat: int, setup=None, samples: Optional[List[float]] = None) -> float:
+    """Median wall time of ``fn()`` + device synchronize; ``setup()`` runs untimed before each;
+    every timed run is appended to ``samples`` (seconds) when given."""
     for _ in range(warmup):
         if setup:
             setup()
@@ -269,6 +270,8 @@ def _median_time(fn, sync, warmup: int, repeat: int, setup=None) -> float:
         fn()
         sync()
         times.append(time.perf_counter() - t0)
+    if samples is not None:
+        samples.extend(times)
     return statistics.median(times)
 
 
@@ -441,8 +444,10 @@ def run_ours(lib_dir, lengths=PREFILL_LENGTHS, decode_tokens: int = 64, warmup: 
         def prefill(ids=ids, n=n):
             return step("prefill", ids, n)
 
-        t = _median_time(prefill, dev.sync, warmup, repeat, setup=engine.reset)
-        res["prefill"][str(n)] = {"ms": round(t * 1e3, 3), "tokens_per_s": round(n / t, 1)}
+        runs: List[float] = []
+        t = _median_time(prefill, dev.sync, warmup, repeat, setup=engine.reset, samples=runs)
+        res["prefill"][str(n)] = {"ms": round(t * 1e3, 3), "tokens_per_s": round(n / t, 1),
+                                  "ms_samples": [round(x * 1e3, 3) for x in runs]}
         # How long the host takes to issue the prefill (the call returns before the GPU is done):
         # close to "ms" means the host, not the GPU, sets the pace.
         host = []

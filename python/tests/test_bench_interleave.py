@@ -56,3 +56,15 @@ def test_interleaved_refuses_bad_input(tiny_builds):
         bench.run_interleaved(tiny_builds, "tiny", schemes=["smq_q8i8f16_0"])
     with pytest.raises(ValueError, match="order must be"):
         bench.run_interleaved(tiny_builds, "tiny", order="random")
+
+
+def test_run_ours_keeps_every_prefill_sample(tiny_builds):
+    """`bench run` on a CPU build: each prefill length reports its median and the samples behind it."""
+    r = bench.run_ours(tiny_builds / "tiny" / "smq_q8i8f16_0", lengths=(8, 16), decode_tokens=3, warmup=1,
+                       repeat=3, profile=False)
+    for n in ("8", "16"):
+        p = r["prefill"][n]
+        assert len(p["ms_samples"]) == 3
+        assert p["ms"] == pytest.approx(statistics.median(p["ms_samples"]), abs=2e-3)
+        assert p["tokens_per_s"] == pytest.approx(int(n) / (p["ms"] / 1e3), rel=1e-2)
+    assert r["logits_finite"] and r["decode"]["tokens_per_s"] > 0
