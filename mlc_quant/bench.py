@@ -608,12 +608,15 @@ def run_tp(lib_dir, lengths=PREFILL_LENGTHS, decode_tokens: int = 64, warmup: in
 
 def run_interleaved(build_root, config: str, schemes: Optional[Sequence[str]] = None, lengths=PREFILL_LENGTHS,
                     decode_tokens: int = 64, rounds: int = 20, warmup: int = 3, seed: int = 0,
-                    order: str = "turns") -> Dict:
+                    order: str = "turns", warmup_s: float = 0.0) -> Dict:
     """Every scheme of one config loaded at once and timed in turns: round ``r`` times each scheme
     once (its order rotated every round), so slow drift of the card (clocks, temperature, other
     processes) lands on every scheme alike. Keeps every sample and its host issue time; the
     ratios are those of the medians and, per round, of the paired samples (their median and
-    spread). ``order="blocks"`` times all rounds of one scheme before the next instead."""
+    spread). ``order="blocks"`` times all rounds of one scheme before the next instead, each block
+    after at least ``warmup_s`` seconds of that scheme's own work (the card's clocks and power
+    state follow the load of the last few hundred ms: a block right after another model's runs
+    starts in that model's state)."""
     if order not in ("turns", "blocks"):
         raise ValueError(f"order must be 'turns' or 'blocks', not {order!r}")
     import tvm  # pylint: disable=import-outside-toplevel
@@ -672,17 +675,28 @@ def run_interleaved(build_root, config: str, schemes: Optional[Sequence[str]] = 
     for key, n in cases:
         ids = None if n is None else tvm.runtime.tensor(rng.integers(0, vocab, (1, n)).astype(np.int32), dev)
         fns = {s: (decode_of(m) if n is None else prefill_of(m, ids, n)) for s, m in models.items()}
-        for s in names:
-            for _ in range(warmup):
+        def warm(s):
+            t_end = time.perf_counter() + warmup_s
+            for i in range(max(warmup, 1)):
                 timed(*fns[s])
+            while time.perf_counter() < t_end:
+                timed(*fns[s])
+
+        for s in names:
             samples[s][key], issue[s][key] = [], []
         if order == "turns":
-            turns = [s for r in range(rounds) for s in names[r % len(names):] + names[:r % len(names)]]
+            for s in names:
+                warm(s)
+            for r in range(rounds):
+                for s in names[r % len(names):] + names[:r % len(names)]:
+                    samples[s][key].append(timed(*fns[s], issue[s][key]))
         else:  # "blocks": every sample of one scheme, then the next (what `bench run` does, one process)
-            turns = [s for s in names for _ in range(rounds)]
-        for s in turns:
-            samples[s][key].append(timed(*fns[s], issue[s][key]))
+            for s in names:
+                warm(s)
+                for _ in range(rounds):
+                    samples[s][key].append(timed(*fns[s], issue[s][key]))
     out: Dict = {"device": _device_facts(), "config": config, "order": order, "rounds": rounds, "warmup": warmup,
+                 "warmup_s": warmup_s,
                  "decode_tokens": decode_tokens, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "schemes": {},
                  "ratios": {}}
     for s in names:
@@ -992,6 +1006,8 @@ def add_args(p) -> None:
     iv.add_argument("--warmup", type=int, default=3)
     iv.add_argument("--order", choices=["turns", "blocks"], default="turns",
                     help="turns: one sample of each scheme per round (default); blocks: all of one scheme, then the next")
+    iv.add_argument("--warmup-s", type=float, default=0.0,
+                    help="warm each scheme up for at least this many seconds of its own runs (per length)")
     iv.add_argument("--json", default="interleave.json")
     t = sub.add_parser("table", help="markdown table of a bench JSON")
     t.add_argument("json")
@@ -1024,7 +1040,7 @@ def main(args) -> int:
         os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
         out = run_interleaved(args.dir, args.config, args.schemes.split(",") if args.schemes else None,
                               tuple(int(x) for x in args.lengths.split(",")), args.decode_tokens, args.rounds,
-                              args.warmup, order=args.order)
+                              args.warmup, order=args.order, warmup_s=args.warmup_s)
         pathlib.Path(args.json).write_text(json.dumps(out, indent=1))
         print(format_interleaved(out))
         return 0
