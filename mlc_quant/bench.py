@@ -340,16 +340,20 @@ def kernel_profile(fn, torch, top: int = 25) -> Dict:
     spans = []
     api: Dict[str, float] = {}  # host side: CUDA runtime / driver calls (CUPTI records them too)
     first_api = None
+    timeline = []  # (start, kind, name, us): what happens before the GPU gets going
     for e in prof.events():
         if getattr(e, "device_type", None) != DeviceType.CUDA:
             if str(e.name).startswith(("cuda", "cu", "cublas")):
                 api[e.name] = api.get(e.name, 0.0) + e.time_range.elapsed_us()
                 first_api = e.time_range.start if first_api is None else min(first_api, e.time_range.start)
+                timeline.append((e.time_range.start, "host", str(e.name), e.time_range.elapsed_us()))
             continue
+        timeline.append((e.time_range.start, "device", kernel_kind(e.name), e.time_range.elapsed_us()))
         key = kernel_kind(e.name)
         total[key] = total.get(key, 0.0) + e.time_range.elapsed_us()
         count[key] = count.get(key, 0) + 1
         spans.append((e.time_range.start, e.time_range.end, key))
+    timeline.sort()
     # GPU idle time between kernels (the device waiting for the host), by the kernel before the gap
     spans.sort()
     idle: Dict[str, float] = {}
@@ -368,6 +372,8 @@ def kernel_profile(fn, torch, top: int = 25) -> Dict:
             "host_api": [{"call": k, "ms": round(v / 1e3, 3)} for k, v in sorted(api.items(), key=lambda kv: -kv[1])[:6]],
             "first_api_to_first_kernel_ms": (round((spans[0][0] - first_api) / 1e3, 3)
                                              if spans and first_api is not None else None),
+            "first_events": [{"t_us": round(t - timeline[0][0], 1), "side": side, "name": name[:60], "us": round(us, 1)}
+                             for t, side, name, us in timeline[:16]],
             "top": [{"kernel": k, "ms": round(v / 1e3, 3), "calls": count[k], "share": round(v / (s or 1.0), 3)}
                     for k, v in rows]}
 

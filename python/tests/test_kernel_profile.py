@@ -32,7 +32,7 @@ def test_sums_and_idle_gaps(monkeypatch):
     cuda, cpu = DeviceType.CUDA, DeviceType.CPU
     events = [  # (device, name, start us, end us): kernel A, a 5 us gap, B overlapping C, a 30 us gap, A
         (cuda, "void a<int>(x)", 0, 10), (cuda, "b_kernel", 15, 40), (cuda, "c_kernel", 20, 30),
-        (cuda, "void a<int>(x)", 70, 80), (cpu, "host_op", 0, 100),
+        (cuda, "void a<int>(x)", 70, 80), (cpu, "host_op", 0, 100), (cpu, "cudaLaunchKernelExC", -4, -1),
     ]
     evs = [types.SimpleNamespace(device_type=d, name=n, time_range=_Range(s, e)) for d, n, s, e in events]
 
@@ -59,5 +59,10 @@ def test_sums_and_idle_gaps(monkeypatch):
     assert out["span_ms"] == pytest.approx(80 / 1e3)
     assert out["idle_ms"] == pytest.approx((5 + 30) / 1e3)
     assert out["idle_after"] == [{"kernel": "b_kernel", "ms": 0.03}, {"kernel": "a", "ms": 0.005}]
+    # the timeline from the first CUDA API call: host launches and kernels, in order (other host ops not)
+    assert [(e["t_us"], e["side"], e["name"]) for e in out["first_events"]] == [
+        (0.0, "host", "cudaLaunchKernelExC"), (4.0, "device", "a"), (19.0, "device", "b_kernel"),
+        (24.0, "device", "c_kernel"), (74.0, "device", "a")]
+    assert out["first_api_to_first_kernel_ms"] == pytest.approx(0.004)
     top = {r["kernel"]: r for r in out["top"]}
     assert top["a"]["calls"] == 2 and top["a"]["ms"] == pytest.approx(0.02)
