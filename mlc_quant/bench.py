@@ -614,17 +614,20 @@ def run_tp(lib_dir, lengths=PREFILL_LENGTHS, decode_tokens: int = 64, warmup: in
 
 def run_interleaved(build_root, config: str, schemes: Optional[Sequence[str]] = None, lengths=PREFILL_LENGTHS,
                     decode_tokens: int = 64, rounds: int = 20, warmup: int = 3, seed: int = 0,
-                    order: str = "turns", warmup_s: float = 0.0) -> Dict:
-    """Every scheme of one config loaded at once and timed in turns: round ``r`` times each scheme
-    once (its order rotated every round), so slow drift of the card (clocks, temperature, other
-    processes) lands on every scheme alike. Keeps every sample and its host issue time; the
-    ratios are those of the medians and, per round, of the paired samples (their median and
-    spread). ``order="blocks"`` times all rounds of one scheme before the next instead, each block
-    after at least ``warmup_s`` seconds of that scheme's own work (the card's clocks and power
-    state follow the load of the last few hundred ms: a block right after another model's runs
-    starts in that model's state)."""
+                    order: str = "blocks", warmup_s: float = 2.0) -> Dict:
+    """Every scheme of one config loaded at once, each timed in its steady state: ``rounds``
+    samples per scheme and length after at least ``warmup_s`` seconds of that scheme's own runs
+    (``order="blocks"``; under sustained load the card runs into its power cap, and its clocks
+    follow the load of the last few hundred ms, so a scheme timed right after another one starts
+    in that one's state). ``order="turns"`` alternates instead: round ``r`` times each scheme once
+    (its order rotated every round), which spreads slow drift of the card over all schemes but
+    starts every sample in the previous scheme's power state. Keeps every sample and its host
+    issue time; the ratios are those of the medians and, sample by sample, of the paired
+    samples (their median and spread)."""
     if order not in ("turns", "blocks"):
         raise ValueError(f"order must be 'turns' or 'blocks', not {order!r}")
+    if rounds < 1 or warmup < 0 or warmup_s < 0:
+        raise ValueError(f"rounds must be >= 1 and warmup, warmup_s >= 0 (got {rounds}, {warmup}, {warmup_s})")
     import tvm  # pylint: disable=import-outside-toplevel
 
     cdir = pathlib.Path(build_root) / config
@@ -1001,8 +1004,8 @@ def add_args(p) -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--tp-session", choices=["thread", "process"], default="thread",
                    help="Disco session of tensor-parallel libraries: one process (threads) or one per GPU")
-    iv = sub.add_parser("interleave", help="one config's schemes loaded together and timed in turns (ratios "
-                                           "immune to drift of the card over a run)")
+    iv = sub.add_parser("interleave", help="one config's schemes loaded together, each timed in its steady state "
+                                           "(or alternating with --order turns); every sample kept")
     iv.add_argument("dir")
     iv.add_argument("--config", default="llama2-7b", help="subfolder of DIR (default: llama2-7b)")
     iv.add_argument("--schemes", default=None, help="comma-separated (default: every built one; q0f16 is required)")
@@ -1010,10 +1013,12 @@ def add_args(p) -> None:
     iv.add_argument("--decode-tokens", type=int, default=64)
     iv.add_argument("--rounds", type=int, default=20)
     iv.add_argument("--warmup", type=int, default=3)
-    iv.add_argument("--order", choices=["turns", "blocks"], default="turns",
-                    help="turns: one sample of each scheme per round (default); blocks: all of one scheme, then the next")
-    iv.add_argument("--warmup-s", type=float, default=0.0,
-                    help="warm each scheme up for at least this many seconds of its own runs (per length)")
+    iv.add_argument("--order", choices=["turns", "blocks"], default="blocks",
+                    help="blocks: all samples of one scheme, then the next (default); turns: one sample of each "
+                         "scheme per round")
+    iv.add_argument("--warmup-s", type=float, default=2.0,
+                    help="warm each scheme up for at least this many seconds of its own runs, per length "
+                         "(default 2: the card's steady state under load)")
     iv.add_argument("--json", default="interleave.json")
     t = sub.add_parser("table", help="markdown table of a bench JSON")
     t.add_argument("json")

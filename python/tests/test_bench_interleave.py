@@ -56,6 +56,8 @@ def test_interleaved_refuses_bad_input(tiny_builds):
         bench.run_interleaved(tiny_builds, "tiny", schemes=["smq_q8i8f16_0"])
     with pytest.raises(ValueError, match="order must be"):
         bench.run_interleaved(tiny_builds, "tiny", order="random")
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        bench.run_interleaved(tiny_builds, "tiny", rounds=0)
 
 
 def test_run_ours_keeps_every_prefill_sample(tiny_builds):
