@@ -253,6 +253,20 @@ def random_weight(name: str, shape, dtype: str, seed: int, device, torch=None):
     return tvm.runtime.tensor(a, device), None
 
 
+def _timed_call(fn, sync, setup=None, issue: Optional[List[float]] = None) -> float:
+    """Wall time of ``fn()`` + device synchronize, ``setup()`` run untimed before; the time the
+    host took to issue the work (until ``fn`` returned) is appended to ``issue`` when given."""
+    if setup:
+        setup()
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    if issue is not None:
+        issue.append(time.perf_counter() - t0)
+    sync()
+    return time.perf_counter() - t0
+
+
 def _median_time(fn, sync, warmup: int, repeat: int, setup=None, samples: Optional[List[float]] = None) -> float:
     """Median wall time of ``fn()`` + device synchronize; ``setup()`` runs untimed before each;
     every timed run is appended to ``samples`` (seconds) when given."""
@@ -261,15 +275,7 @@ def _median_time(fn, sync, warmup: int, repeat: int, setup=None, samples: Option
             setup()
         fn()
     sync()
-    times = []
-    for _ in range(repeat):
-        if setup:
-            setup()
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
+    times = [_timed_call(fn, sync, setup) for _ in range(repeat)]
     if samples is not None:
         samples.extend(times)
     return statistics.median(times)
@@ -386,12 +392,10 @@ def _op_kind(name: str) -> str:
     return re.sub(r"\d+$", "", base)
 
 
-class _LoadedModel:  # pylint: disable=too-few-public-methods
+class LoadedModel:  # pylint: disable=too-few-public-methods
     """One built library with seeded random weights on the device, and its forward step."""
 
     def __init__(self, lib_dir, dev, torch, seed: int, max_seq_len: int, prefill_chunk: int):
-        import tvm_ffi  # pylint: disable=import-outside-toplevel
-
         from mlc_quant.runtime import Engine  # pylint: disable=import-outside-toplevel
 
         lib_dir = pathlib.Path(lib_dir)
@@ -407,15 +411,7 @@ class _LoadedModel:  # pylint: disable=too-few-public-methods
         self.weights_made_s = round(time.time() - t0, 1)
         self.engine = Engine(str(lib_dir / "model.so"), weights, dev, max_seq_len=max_seq_len,
                              prefill_chunk_size=prefill_chunk, vocab_size=self.manifest["model_config"]["vocab_size"])
-        self._shape = tvm_ffi.Shape
-
-    def step(self, fn_name: str, ids_dev, n: int):
-        """One forward of ``n`` tokens already on the device (prefill or decode), KV cache bookkeeping included."""
-        e = self.engine
-        e._begin(e.kv_cache, self._shape([0]), self._shape([n]))  # pylint: disable=protected-access
-        out = e._funcs[fn_name](ids_dev, e.kv_cache, *e._args[fn_name])  # pylint: disable=protected-access
-        e._end(e.kv_cache)  # pylint: disable=protected-access
-        return out
+        self.step = self.engine.forward  # (fn, ids on the device, n): one prefill / decode call
 
 
 def run_ours(lib_dir, lengths=PREFILL_LENGTHS, decode_tokens: int = 64, warmup: int = 2, repeat: int = 5,
@@ -436,7 +432,7 @@ def run_ours(lib_dir, lengths=PREFILL_LENGTHS, decode_tokens: int = 64, warmup: 
     tvm.get_global_func("vm.builtin.memory_manager.clear")()
     free0, total = cuda.mem_info() if cuda else (None, None)
     max_len = max(max(lengths), DECODE_PROMPT)
-    lm = _LoadedModel(lib_dir, dev, torch, seed, max_len + decode_tokens + 16, max_len)
+    lm = LoadedModel(lib_dir, dev, torch, seed, max_len + decode_tokens + 16, max_len)
     engine, step = lm.engine, lm.step
     res = {"config": man["model_config"], "scheme": man["scheme"], "synthetic_plan": man["synthetic_plan"],
            "weight_bytes": lm.weight_bytes, "weights_made_s": lm.weights_made_s, "prefill": {}, "decode": {}}
@@ -456,14 +452,9 @@ def run_ours(lib_dir, lengths=PREFILL_LENGTHS, decode_tokens: int = 64, warmup: 
                                   "ms_samples": [round(x * 1e3, 3) for x in runs]}
         # How long the host takes to issue the prefill (the call returns before the GPU is done):
         # close to "ms" means the host, not the GPU, sets the pace.
-        host = []
+        host: List[float] = []
         for _ in range(3):
-            engine.reset()
-            dev.sync()
-            t0 = time.perf_counter()
-            prefill()
-            host.append(time.perf_counter() - t0)
-            dev.sync()
+            _timed_call(prefill, dev.sync, engine.reset, issue=host)
         res["prefill"][str(n)]["host_issue_ms"] = round(statistics.median(host) * 1e3, 3)
         if n == lengths[0]:
             engine.reset()
@@ -645,23 +636,14 @@ def run_interleaved(build_root, config: str, schemes: Optional[Sequence[str]] = 
     dev = tvm.cuda(0) if on_gpu else tvm.cpu(0)
     torch = _torch() if on_gpu else None
     max_len = max(max(lengths), DECODE_PROMPT)
-    models = {d.name: _LoadedModel(d, dev, torch, seed, max_len + decode_tokens + 16, max_len) for d in dirs}
+    models = {d.name: LoadedModel(d, dev, torch, seed, max_len + decode_tokens + 16, max_len) for d in dirs}
     vocab = models["q0f16"].manifest["model_config"]["vocab_size"]
     rng = np.random.default_rng(seed)
     samples: Dict[str, Dict[str, List[float]]] = {s: {} for s in names}
-
-    issue: Dict[str, Dict[str, List[float]]] = {s: {} for s in names}
+    issue: Dict[str, Dict[str, List[float]]] = {s: {} for s in names}  # host issue time of each sample
 
     def timed(fn, setup, record=None) -> float:
-        setup()
-        dev.sync()
-        t0 = time.perf_counter()
-        fn()
-        t1 = time.perf_counter()
-        dev.sync()
-        if record is not None:  # how long the host took to issue the work (vs the wall time)
-            record.append(t1 - t0)
-        return time.perf_counter() - t0
+        return _timed_call(fn, dev.sync, setup, record)
 
     def prefill_of(m, ids, n):
         return (lambda: m.step("prefill", ids, n)), m.engine.reset
@@ -684,9 +666,10 @@ def run_interleaved(build_root, config: str, schemes: Optional[Sequence[str]] = 
     for key, n in cases:
         ids = None if n is None else tvm.runtime.tensor(rng.integers(0, vocab, (1, n)).astype(np.int32), dev)
         fns = {s: (decode_of(m) if n is None else prefill_of(m, ids, n)) for s, m in models.items()}
+
         def warm(s):
             t_end = time.perf_counter() + warmup_s
-            for i in range(max(warmup, 1)):
+            for _ in range(max(warmup, 1)):
                 timed(*fns[s])
             while time.perf_counter() < t_end:
                 timed(*fns[s])

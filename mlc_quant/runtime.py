@@ -134,6 +134,15 @@ class Engine:  # pylint: disable=too-many-instance-attributes
         self._add_seq(self.kv_cache, 0)
         self.seq_len = 0
 
+    def forward(self, fn: str, ids_dev, n: int):
+        """One ``prefill`` / ``decode`` call of ``n`` tokens already on the device, with the KV
+        cache's begin/end around it; returns the VM's output as it is (on the device). No
+        bookkeeping of ``seq_len``: benchmarks and checks that drive the cache themselves."""
+        self._begin(self.kv_cache, tvm_ffi.Shape([0]), tvm_ffi.Shape([n]))
+        out = self._funcs[fn](ids_dev, self.kv_cache, *self._args[fn])
+        self._end(self.kv_cache)
+        return out
+
     def _run(self, fn: str, ids: np.ndarray) -> np.ndarray:
         n = ids.shape[1]
         if self.seq_len + n > self.max_seq_len:
@@ -141,9 +150,7 @@ class Engine:  # pylint: disable=too-many-instance-attributes
                 f"sequence would reach {self.seq_len + n} tokens, over max_seq_len="
                 f"{self.max_seq_len}: reset() or create the Engine with a larger max_seq_len"
             )
-        self._begin(self.kv_cache, tvm_ffi.Shape([0]), tvm_ffi.Shape([n]))
-        out = self._funcs[fn](tvm.runtime.tensor(ids, self.device), self.kv_cache, *self._args[fn])
-        self._end(self.kv_cache)
+        out = self.forward(fn, tvm.runtime.tensor(ids, self.device), n)
         self.seq_len += n
         if self.stats_callback is not None:
             out, stats = out[0], out[1]

@@ -27,29 +27,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 def decode_logits(lib_dir, steps, seed=0, prompt=128):
     import tvm  # pylint: disable=import-outside-toplevel
-    import tvm_ffi  # pylint: disable=import-outside-toplevel
 
     from mlc_quant import bench  # pylint: disable=import-outside-toplevel
     from mlc_quant.cuda_runtime import prepare_cuda_runtime  # pylint: disable=import-outside-toplevel
-    from mlc_quant.runtime import Engine  # pylint: disable=import-outside-toplevel
 
     prepare_cuda_runtime()
-    man = json.loads(open(os.path.join(lib_dir, bench.MANIFEST), encoding="utf-8").read())
     dev = tvm.cuda(0)
-    torch = bench._torch()  # pylint: disable=protected-access
-    weights, keep = {}, []
-    for name, shape, dtype in man["params"]:
-        w, owner = bench.random_weight(name, shape, dtype, seed, dev, torch)
-        weights[name], _ = w, keep.append(owner)
-    vocab = man["model_config"]["vocab_size"]
-    eng = Engine(os.path.join(lib_dir, "model.so"), weights, dev, max_seq_len=prompt + steps + 16,
-                 prefill_chunk_size=prompt, vocab_size=vocab)
+    model = bench.LoadedModel(lib_dir, dev, bench._torch(), seed,  # pylint: disable=protected-access
+                               max_seq_len=prompt + steps + 16, prefill_chunk=prompt)
+    eng = model.engine
+    vocab = model.manifest["model_config"]["vocab_size"]
 
     def step(fn, ids, n):
-        eng._begin(eng.kv_cache, tvm_ffi.Shape([0]), tvm_ffi.Shape([n]))  # pylint: disable=protected-access
-        out = eng._funcs[fn](ids, eng.kv_cache, *eng._args[fn])  # pylint: disable=protected-access
-        eng._end(eng.kv_cache)  # pylint: disable=protected-access
-        return out[0].numpy().astype(np.float32).reshape(-1, vocab)[-1]
+        return eng.forward(fn, ids, n)[0].numpy().astype(np.float32).reshape(-1, vocab)[-1]
 
     rng = np.random.default_rng(seed)
     eng.reset()
