@@ -7,7 +7,8 @@ For each shape M x N x K (default: Llama-2-7B prefill, M=2048 and (N, K) = (4096
   lt_i8          plain cuBLASLt int8 x int8 -> int32 (64 MiB workspace): the ceiling to match
   fused          our W8A8 GEMM with the per-channel dequantize, fp16 out (auto policy: CUTLASS
                  with the dequantize fused in the epilogue, or cuBLASLt + epilogue for M <= 64)
-  fused_cfgN     the same forced onto CUTLASS tile config N (0: 128x128 ping-pong, 1: stream-K;
+  fused_cfgN     the same forced onto CUTLASS tile config N (0: 128x128 ping-pong, 1: stream-K,
+                 2: 64x128 ping-pong, the wave-tail config;
                  see cutlass_w8a8_sm90.cu)
   lt_i8+epi      cuBLASLt int8 -> int32 + our separate dequantize kernel (the unfused fallback)
   fused_token    per-token x per-channel scales (auto policy)
@@ -40,7 +41,7 @@ LLAMA_SHAPES = [(2048, 4096, 4096), (2048, 11008, 4096), (2048, 4096, 11008)]
 SWEEP_M = [1, 16, 64, 128, 256, 512, 1024, 2048, 4096]
 SYM, TOKEN, FLOAT = 1, 3, 0
 AUTO, CUTLASS0, CUTLASS1, CUBLASLT, CUTLASS_CFG = 0, 2, 3, 4, 16
-N_CUTLASS_CONFIGS = 2  # add configs to cutlass_w8a8_sm90.cu and raise this to compare them
+N_CUTLASS_CONFIGS = 3  # add configs to cutlass_w8a8_sm90.cu and raise this to compare them
 MERGED_LAYER_NK = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]
 TILES_M = [128, 256, 512, 1024, 2048]
 

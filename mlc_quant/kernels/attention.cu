@@ -29,6 +29,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include "mlcq_pdl.h"
 
 namespace mlcq_attn {
@@ -65,6 +67,8 @@ struct Params {
   int64_t o_row_stride, o_head_stride;
   int64_t lse_row_stride, lse_head_stride;
   int batch;
+  int sms;     // SMs of the device, 0: plain heaviest-first order (see CtaRank)
+  int per_sm;  // CTAs of this kernel resident per SM
   int group;  // Hq / Hkv
   int causal;
   float scale_log2;  // sm_scale * log2(e)
@@ -122,6 +126,20 @@ __device__ __forceinline__ void LoadTile(half* smem, const half* base, int64_t r
   }
 }
 
+// Work rank of this CTA (0 = the most keys). CTAs are numbered heaviest first, so that under the
+// causal mask the longest ones start first. When the whole grid is resident at once (e.g. 512
+// tokens x 32 heads: 256 CTAs, 2 per SM on 132 SMs), the block scheduler places CTA i on SM
+// i mod SMs, so in plain order SM 0 would get ranks 0 and 132: the heaviest block and one of
+// the heavier half. Every second round of SMs is numbered in reverse instead (a snake), so the
+// heaviest CTA shares its SM with the lightest and every SM gets about the same number of tiles.
+__device__ __forceinline__ int CtaRank(const Params& p) {
+  const int n = gridDim.x * gridDim.y;
+  const int i = blockIdx.y * gridDim.x + blockIdx.x;
+  if (p.sms <= 0 || n > p.sms * p.per_sm) return i;
+  const int round = i / p.sms, lo = round * p.sms, hi = min(n, lo + p.sms);
+  return (round & 1) ? hi - 1 - (i - lo) : i;
+}
+
 template <int D>
 __global__ void __launch_bounds__(kThreads) PrefillRaggedKernel(Params p) {
   mlcq::PdlWaitAndRelease();
@@ -130,11 +148,12 @@ __global__ void __launch_bounds__(kThreads) PrefillRaggedKernel(Params p) {
   half* k_s = q_s + kBlockM * Cfg<D>::kStride;  // 2 buffers
   half* v_s = k_s + 2 * Cfg<D>::kTileElems;     // 2 buffers
 
-  const int head = blockIdx.x;
+  const int rank = CtaRank(p);
+  const int head = rank % gridDim.x;
   const int kv_head = head / p.group;
   // Find (sequence, query block) of this CTA; blocks of a sequence run last-first (the causal
   // ones with the most keys start first).
-  int t = blockIdx.y, seq = -1, q_begin = 0, q_len = 0, mblk = 0;
+  int t = rank / gridDim.x, seq = -1, q_begin = 0, q_len = 0, mblk = 0;
   for (int b = 0; b < p.batch; ++b) {
     const int lo = p.q_indptr[b], hi = p.q_indptr[b + 1];
     const int nblk = (hi - lo + kBlockM - 1) / kBlockM;
@@ -345,21 +364,48 @@ void CheckIndptr(const TensorView& t, const char* what) {
 
 constexpr int kMaxDevices = 64;
 
+// MLC_QUANT_ATTN_ORDER=plain keeps the heaviest-first order without the snake (CtaRank), for
+// before/after measurements.
+bool BalancedOrder() {
+  static const bool on = [] {
+    const char* v = std::getenv("MLC_QUANT_ATTN_ORDER");
+    return v == nullptr || std::strcmp(v, "plain") != 0;
+  }();
+  return on;
+}
+
 template <int D>
 void Launch(const Params& p, int heads, int64_t max_blocks, int device, cudaStream_t stream) {
   // > 48 KB of dynamic shared memory must be allowed once per kernel and device.
+  // With it, the SM count and CTAs per SM for CtaRank.
   static bool configured[kMaxDevices] = {};
-  if (device < 0 || device >= kMaxDevices || !configured[device]) {
+  static int sms[kMaxDevices] = {}, per_sm[kMaxDevices] = {};
+  const bool cached = device >= 0 && device < kMaxDevices;
+  if (!cached || !configured[device]) {
     cudaError_t err = cudaFuncSetAttribute(PrefillRaggedKernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            Cfg<D>::kSmemBytes);
     if (err != cudaSuccess) {
       TVM_FFI_THROW(RuntimeError) << "mlcq_attn_prefill_ragged: cudaFuncSetAttribute failed: "
                                   << cudaGetErrorString(err);
     }
-    if (device >= 0 && device < kMaxDevices) configured[device] = true;
+    int n_sms = 0, n_per_sm = 0;
+    if (cudaDeviceGetAttribute(&n_sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n_per_sm, PrefillRaggedKernel<D>, kThreads,
+                                                      Cfg<D>::kSmemBytes) != cudaSuccess) {
+      cudaGetLastError();
+      n_sms = n_per_sm = 0;  // plain order
+    }
+    if (cached) {
+      sms[device] = n_sms;
+      per_sm[device] = n_per_sm;
+      configured[device] = true;
+    }
   }
+  Params q = p;
+  q.sms = cached && BalancedOrder() ? sms[device] : 0;
+  q.per_sm = cached ? per_sm[device] : 0;
   dim3 grid(heads, static_cast<unsigned>(max_blocks));
-  mlcq::LaunchPdl(mlcq::kPdlAttn, PrefillRaggedKernel<D>, grid, dim3(kThreads), Cfg<D>::kSmemBytes, stream, p);
+  mlcq::LaunchPdl(mlcq::kPdlAttn, PrefillRaggedKernel<D>, grid, dim3(kThreads), Cfg<D>::kSmemBytes, stream, q);
 }
 
 void PrefillRagged(TensorView q, TensorView q_indptr, TensorView k, TensorView v, TensorView kv_indptr,

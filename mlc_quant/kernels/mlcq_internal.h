@@ -20,6 +20,7 @@ struct GemmProblem {
   const void* x = nullptr;  // int8 [M, K] row-major
   const void* w = nullptr;  // int8 [N, K] row-major
   void* out = nullptr;      // [M, N] row-major, out_dtype
+  int64_t ldd = 0;          // row stride of out in elements, 0: N (CUTLASS only; see SplitWaveTail)
   int out_dtype = 0;        // kF16 / kBF16 / kF32
   const float* scale_row = nullptr;  // [M] or null (1)
   const float* scale_col = nullptr;  // [N] (scale_col_is_vector) or a device scalar, or null
@@ -90,7 +91,8 @@ void LaunchSimtW8A8(const GemmProblem& p, cudaStream_t stream);
   const char* cutlass_w8a8_sm90_name_cfg##cfg##_asym1();
 MLCQ_DECLARE_CUTLASS(0)
 MLCQ_DECLARE_CUTLASS(1)
+MLCQ_DECLARE_CUTLASS(2)
 #undef MLCQ_DECLARE_CUTLASS
-constexpr int kNumCutlassConfigs = 2;
+constexpr int kNumCutlassConfigs = 3;
 
 }  // namespace mlcq

@@ -347,6 +347,19 @@ def test_gpu_kernel_ragged_batch_noncausal_and_kv_offset(kernel, d):
 
 
 @needs_gpu
+@pytest.mark.parametrize("q_lens", [[512], [200, 312, 64]])
+def test_gpu_kernel_whole_grid_resident_snake_order(kernel, q_lens):
+    """Grids of more than one CTA per SM that are resident at once (132-SM cards: 32 heads x 8
+    blocks = 256 CTAs; 16 heads x 11 = 176 for the ragged batch, some CTAs without a block) are
+    numbered in a snake (attention.cu, CtaRank): every query block of every head must still be
+    computed once; the outputs start as NaN, so a block left out fails `check`."""
+    heads = 32 if len(q_lens) == 1 else 16
+    q, k, v, qi, ki = make_inputs(q_lens, q_lens, heads, heads, 128, seed=len(q_lens) + 21)
+    out, lse = run_kernel(kernel, q, k, v, qi, ki, True, 128 ** -0.5)
+    check(out, lse, *reference(q, k, v, qi, ki, True, 128 ** -0.5), f"snake {q_lens}")
+
+
+@needs_gpu
 @needs_bundle
 def test_gpu_kernel_in_two_loaded_libraries(kernel, tmp_path):
     """Every model library links its own copy of the kernel; a second one loaded in the same
