@@ -109,9 +109,8 @@ using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecializedCooperative;
 using TileScheduler = cutlass::gemm::StreamKScheduler;
 #define MLCQ_CFG_NAME "128x64x128_c1x1_coop_streamk"
 #elif MLCQ_CFG == 2
-// The last, mostly empty round of a config-0 GEMM (linear.cu, SplitWaveTail): 64-row tiles put
-// twice as many CTAs on it, so each SM does half a 128x128 tile's work. Ping-pong without a
-// workspace, so it chains with PDL like config 0.
+// M <= 128 (linear.cu's policy): 64-row tiles give twice the CTAs of a 128-row tile, each with
+// the full K loop. Ping-pong without a workspace, so it chains with PDL like config 0.
 using TileShape = Shape<_64, _128, _128>;
 using ClusterShape = Shape<_1, _1, _1>;
 using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
@@ -213,8 +212,7 @@ const char* MLCQ_ENTRY(const GemmProblem& p, Workspace* ws, cudaStream_t stream)
   const int M = static_cast<int>(p.M), N = static_cast<int>(p.N), K = static_cast<int>(p.K);
   StrideA sa = make_stride(int64_t(K), _1{}, int64_t(M) * K);
   StrideB sb = make_stride(int64_t(K), _1{}, int64_t(N) * K);
-  const int64_t ldd = p.ldd ? p.ldd : N;  // a column slice of a wider output (SplitWaveTail)
-  StrideD sd = make_stride(ldd, _1{}, int64_t(M) * ldd);
+  StrideD sd = make_stride(int64_t(N), _1{}, int64_t(M) * N);
 
   typename Gemm::Arguments args;
   args.mode = cutlass::gemm::GemmUniversalMode::kGemm;

@@ -20,7 +20,6 @@ struct GemmProblem {
   const void* x = nullptr;  // int8 [M, K] row-major
   const void* w = nullptr;  // int8 [N, K] row-major
   void* out = nullptr;      // [M, N] row-major, out_dtype
-  int64_t ldd = 0;          // row stride of out in elements, 0: N (CUTLASS only; see SplitWaveTail)
   int out_dtype = 0;        // kF16 / kBF16 / kF32
   const float* scale_row = nullptr;  // [M] or null (1)
   const float* scale_col = nullptr;  // [N] (scale_col_is_vector) or a device scalar, or null

@@ -620,12 +620,14 @@ def test_gpu_w8a8_schemes(klib, M, NK, scheme):
 def test_gpu_kernel_choice(klib):
     torch = _torch_cuda()
     sm90 = torch.cuda.get_device_capability() == (9, 0)
-    # M > 64, K % 16 == 0 and N % 8 == 0: CUTLASS (ping-pong, or stream-K when the 128x128
-    # tiles cannot fill half the SMs); M <= 64: cuBLASLt + epilogue; cuBLASLt's int8 GEMM where
-    # it has an algorithm (K % 4 == 0), else the CUDA-core kernel.
+    # M > 64, K % 16 == 0 and N % 8 == 0: CUTLASS (64-row ping-pong up to M = 128, then 128x128
+    # ping-pong, or stream-K when the 128x128 tiles cannot fill half the SMs); M <= 64: cuBLASLt
+    # + epilogue; cuBLASLt's int8 GEMM where it has an algorithm (K % 4 == 0), else the CUDA-core kernel.
     pp = "cutlass:128x128x128_c1x2_pingpong" if sm90 else "cublaslt"
     sk = "cutlass:128x64x128_c1x1_coop_streamk" if sm90 else "cublaslt"
+    p64 = "cutlass:64x128x128_c1x1_pingpong" if sm90 else "cublaslt"
     expected = {(2048, 4096, 4096): (pp,), (256, 4096, 4096): (sk,), (16, 4096, 4096): ("cublaslt",),
+                (128, 4096, 4096): (p64,), (100, 22016, 512): (p64,),
                 (130, 328, 176): (sk,), (130, 200, 100): ("cublaslt",), (130, 72, 37): ("simt", "cublaslt"),
                 (130, 30, 64): ("cublaslt", "simt")}
     for (M, N, K), prefixes in expected.items():
@@ -661,52 +663,6 @@ def test_gpu_w8a8_every_cutlass_config(klib, cfg, M, scheme):
                          backend=CUTLASS_CFG + cfg)
     assert str(klib["mlcq_last_kernel"]()).startswith("cutlass:"), klib["mlcq_last_kernel"]()
     _assert_close(out, ref, f"cutlass config {cfg} {scheme} M={M} ({klib['mlcq_last_kernel']()})")
-
-
-def _wave_tail_columns(M, N, sms):
-    """Mirror of linear.cu's SplitWaveTail: the first part's columns, or 0 for no split."""
-    tiles_m, tiles_n = -(-M // 128), -(-N // 128)
-    tiles = tiles_m * tiles_n
-    if sms < 2 or tiles <= sms:
-        return 0
-    full = (tiles - 1) // sms
-    if 2 * (tiles - full * sms) > sms:
-        return 0
-    main_n = full * sms // tiles_m
-    tail_n = tiles_n - main_n
-    return main_n * 128 if main_n >= 1 and tail_n >= 1 and 2 * tiles_m * tail_n <= sms else 0
-
-
-def test_wave_tail_split_rule():
-    # Llama-2-7B on 132 SMs: only the merged gate/up at M = 512 (and 128 / 256 / 1024) has a
-    # last round at most half full; q/k/v, o_proj and down_proj at 512 and every shape at 2048 run whole.
-    assert _wave_tail_columns(512, 22016, 132) == 165 * 128
-    assert _wave_tail_columns(128, 22016, 132) == 132 * 128
-    assert _wave_tail_columns(1024, 22016, 132) == 165 * 128
-    for M, N in [(512, 12288), (512, 4096), (2048, 22016), (2048, 12288), (2048, 4096)]:
-        assert _wave_tail_columns(M, N, 132) == 0, (M, N)
-
-
-@needs_gpu
-@pytest.mark.parametrize("scheme", _SCHEMES)
-def test_gpu_w8a8_wave_tail_split(klib, scheme):
-    """A shape whose last round of 128x128 tiles is at most half full runs as config 0 on the
-    whole rounds plus config 2 on the remaining columns: the result must equal the float64
-    reference and, bit for bit, config 0 alone (the same int32 sums and epilogue per element).
-    M = 520 and N = 128 n - 56 leave partial tiles on both edges."""
-    torch = _torch_cuda()
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("CUTLASS kernels are sm_90a")
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    M, K = 520, 320
-    N = next(128 * n - 56 for n in range(1, 1000) if _wave_tail_columns(M, 128 * n - 56, sms))
-    seed = 1234 + _SCHEMES.index(scheme)
-    out, ref = _run_w8a8(klib, scheme, M, N, K, x_float=True, bias=True, seed=seed)
-    kernel = str(klib["mlcq_last_kernel"]())
-    assert kernel == "cutlass:128x128x128_c1x2_pingpong+64x128x128_c1x1_pingpong", (N, sms, kernel)
-    _assert_close(out, ref, f"wave tail {scheme} M={M} N={N} ({kernel})")
-    whole, _ = _run_w8a8(klib, scheme, M, N, K, x_float=True, bias=True, seed=seed, backend=CUTLASS_CFG)
-    assert np.array_equal(out, whole), f"split vs config 0: max diff {np.abs(out - whole).max()}"
 
 
 @needs_gpu
