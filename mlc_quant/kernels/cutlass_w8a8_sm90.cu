@@ -256,7 +256,7 @@ const char* MLCQ_ENTRY(const GemmProblem& p, Workspace* ws, cudaStream_t stream)
     return "CUTLASS initialize_workspace failed";
   typename GemmKernel::Params params = GemmKernel::to_underlying_arguments(args, ws_ptr);
   // Programmatic dependent launch (mlcq_pdl.h) where the build defines
-  // CUTLASS_ENABLE_GDC_FOR_SM90 (config 0): the producer warps wait for the previous kernel
+  // CUTLASS_ENABLE_GDC_FOR_SM90 (configs 0 and 2): the producer warps wait for the previous kernel
   // before their first load, and the kernel releases the next one after its last tile's
   // mainloop. Never with a workspace: initialize_workspace's memset must land first.
 #ifdef CUTLASS_ENABLE_GDC_FOR_SM90

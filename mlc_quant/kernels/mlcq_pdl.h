@@ -34,7 +34,7 @@ __device__ __forceinline__ void PdlWaitAndRelease() {
 // Kernel families, for MLC_QUANT_PDL as a bit mask (measurements: which launches gain or lose).
 // Bit 0 is no family, so that MLC_QUANT_PDL=1 can keep meaning "on".
 enum PdlKind : int {
-  kPdlGemm = 2,    // CUTLASS W8A8 GEMM (config 0)
+  kPdlGemm = 2,    // CUTLASS W8A8 GEMM (ping-pong configs 0 and 2)
   kPdlNorm = 4,    // norm_act.cu: RMSNorm (+ add), SiLU * up, with or without the quantize
   kPdlRope = 8,    // rope.cu: split + RoPE, KV append
   kPdlAttn = 16,   // prefill and decode attention
