@@ -8,7 +8,7 @@ For each shape M x N x K (default: Llama-2-7B prefill, M=2048 and (N, K) = (4096
   fused          our W8A8 GEMM with the per-channel dequantize, fp16 out (auto policy: CUTLASS
                  with the dequantize fused in the epilogue, or cuBLASLt + epilogue for M <= 64)
   fused_cfgN     the same forced onto CUTLASS tile config N (0: 128x128 ping-pong, 1: stream-K,
-                 2: 64x128 ping-pong, the wave-tail config;
+                 2: 64x128 ping-pong, the M <= 128 config;
                  see cutlass_w8a8_sm90.cu)
   lt_i8+epi      cuBLASLt int8 -> int32 + our separate dequantize kernel (the unfused fallback)
   fused_token    per-token x per-channel scales (auto policy)
