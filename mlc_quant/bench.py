@@ -132,7 +132,7 @@ def build_one(config, scheme_name: str, out_dir, target: str = "cuda", seed: int
         qmod = synthetic_plan(mod, names, scheme, seed).apply(mod) if scheme.quantizes else mod
     merges = []
     if cuda if merge_linears is None else merge_linears:  # q/k/v and gate/up as one linear each
-        qmod, _, merges = pipeline.merge_linears(qmod, {}, scheme)
+        qmod, _, merges = pipeline.merge_linears(qmod, {}, scheme, pipeline.swiglu_interleave("cuda" if cuda else "llvm"))
     params = [(p.name, [int(d) for d in p.ty.shape.values], str(p.ty.dtype)) for p in qmod["prefill"].params[2:]]
     t1 = time.time()
     if cuda:

@@ -289,7 +289,7 @@ def build_model(opts: BuildOptions, on_quantized: Optional[Callable] = None,
                                                                 target, rot)
         merges = []
         if (target.kind.name == "cuda" if opts.merge_linears is None else opts.merge_linears) and tp is None:
-            qmod, qparams, merges = pipeline.merge_linears(qmod, qparams, scheme)
+            qmod, qparams, merges = pipeline.merge_linears(qmod, qparams, scheme, pipeline.swiglu_interleave(target))
         t0 = time.time()
         exe = pipeline.build(qmod, target)
         compile_s = time.time() - t0

@@ -692,9 +692,17 @@ def dispatch_gemms(mod: tvm.IRModule, *, strict: bool = False, attach_kernels: b
     W8A8 activation quantize that follows them (passes/fuse_act_quantize.py).
     """
     from mlc_quant.passes.fuse_act_quantize import FuseActQuantize  # pylint: disable=import-outside-toplevel
+    from mlc_quant.passes.fuse_silu_gemm import FuseSiluGemm, uses_silu_gemm  # pylint: disable=import-outside-toplevel
     from mlc_quant.passes.offload_norm_act import OffloadNormAct, uses_norm_act  # pylint: disable=import-outside-toplevel
 
     mod = relax.transform.ConvertToDataflow()(mod)
+    # W8A8 gate/up GEMM + SiLU * up + the down_proj's quantize in one kernel, where the merge
+    # interleaved gate and up (pipeline.swiglu_interleave); before FuseActQuantize, which then
+    # still moves the gate/up input's quantize into the RMSNorm kernel.
+    silu = FuseSiluGemm()
+    mod = silu(mod)
+    if silu.fused:
+        logger.info("mlc_quant: %d gate/up linear(s) with SiLU * up + quantize in the GEMM epilogue", silu.fused)
     if norm_act is None:
         env = os.environ.get("MLC_QUANT_NORM_ACT", "kernels").lower()
         if env not in ("kernels", "tvm"):
@@ -714,7 +722,7 @@ def dispatch_gemms(mod: tvm.IRModule, *, strict: bool = False, attach_kernels: b
 
     # The KV cache's flash prefill attention (an ExternFunc looked up in the library) lives in the
     # same kernel objects.
-    if attach_kernels and (n_offloaded or uses_flash_prefill(mod) or uses_norm_act(mod)):
+    if attach_kernels and (n_offloaded or uses_flash_prefill(mod) or uses_norm_act(mod) or uses_silu_gemm(mod)):
         ext = list(mod.attrs["external_mods"]) if mod.attrs and "external_mods" in mod.attrs else []
         mod = mod.with_attr("external_mods", ext + kernel_modules(kernel_dir))
     left = _leftover_matmuls(mod)

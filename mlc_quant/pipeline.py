@@ -7,6 +7,8 @@ both call :func:`quantize_module`; they differ only in how calibration data is f
 """
 from __future__ import annotations
 
+import os
+
 import fnmatch
 import logging
 from dataclasses import dataclass, field
@@ -198,18 +200,30 @@ def quantize_module(mod: IRModule, params: Mapping[str, np.ndarray], scheme: str
     return QuantizeResult(mod, qparams, observer, plan, summary, inv_scale)
 
 
-def merge_linears(mod: IRModule, params: Mapping[str, np.ndarray], scheme=None):
+def merge_linears(mod: IRModule, params: Mapping[str, np.ndarray], scheme=None, interleave_swiglu: int = 0):
     """Merge the linears that read the same x (q/k/v, gate/up) into one wide linear each
     (``passes/merge_sibling_linears.py``), then fold the split -> reshape -> concat round trip
     of the merged q/k/v back into a view (``passes/fold_split_concat.py``); returns (module, its
-    params, the merges)."""
+    params, the merges). ``interleave_swiglu=8``: a statically quantized gate/up pair gets the
+    row layout of the SiLU * up GEMM epilogue (:func:`swiglu_interleave` says when)."""
     from mlc_quant.passes.fold_split_concat import FoldSplitConcat
     from mlc_quant.passes.merge_sibling_linears import MergeSiblingLinears, merge_params
 
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
-    merger = MergeSiblingLinears(scheme)
+    merger = MergeSiblingLinears(scheme, interleave_swiglu=interleave_swiglu)
     mod = FoldSplitConcat()(merger(mod))
     return mod, merge_params(params, merger.merges), merger.merges
+
+
+def swiglu_interleave(target) -> int:
+    """The gate/up interleave block for a build on ``target``: 8 on CUDA (the W8A8 gate/up GEMM
+    then runs SiLU * up + the down_proj's quantize in its epilogue, passes/fuse_silu_gemm.py),
+    0 elsewhere or with ``MLC_QUANT_SILU_GEMM=off`` (the unfused kernels, for comparisons)."""
+    env = os.environ.get("MLC_QUANT_SILU_GEMM", "on").lower()
+    if env not in ("on", "off"):
+        raise ValueError(f"MLC_QUANT_SILU_GEMM={env!r}: expected 'on' (default) or 'off'")
+    kind = target if isinstance(target, str) else target.kind.name
+    return 8 if kind == "cuda" and env == "on" else 0
 
 
 def bind_params(mod: IRModule, params: Mapping[str, np.ndarray]) -> IRModule:

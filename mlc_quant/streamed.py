@@ -540,7 +540,7 @@ def deploy_merges(config, scheme: QuantScheme, keep_float, smooth: bool, deploy_
     if scheme.static_activations:
         plan.act_qparams = {n: ActQParams(1.0, 0) for n in sites}
     qmod = plan.apply(export_model(config, deploy_dtype, target)[0])
-    return pipeline.merge_linears(qmod, {}, scheme)[2]
+    return pipeline.merge_linears(qmod, {}, scheme, pipeline.swiglu_interleave(target))[2]
 
 
 def write_deploy_params(result: StreamedResult, config, scheme: QuantScheme, deploy_dtype: str, target,
@@ -552,7 +552,7 @@ def write_deploy_params(result: StreamedResult, config, scheme: QuantScheme, dep
 
     qmod = result.plan.apply(export_model(config, deploy_dtype, target)[0])
     if merges is not None:
-        qmod, _, real = pipeline.merge_linears(qmod, {}, scheme)
+        qmod, _, real = pipeline.merge_linears(qmod, {}, scheme, pipeline.swiglu_interleave(target))
         if [m.to_dict() for m in real] != [m.to_dict() for m in merges]:
             raise RuntimeError("streamed build: the deploy module's sibling merges differ from those planned "
                                "before calibration")

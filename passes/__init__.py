@@ -15,5 +15,6 @@ __all__ += ["MergeSiblingLinears", "merge_params", "merged_linears"]
 from .fold_split_concat import FoldSplitConcat
 from .offload_norm_act import OffloadNormAct
 from .fuse_act_quantize import FuseActQuantize
+from .fuse_silu_gemm import FuseSiluGemm
 
-__all__ += ["FoldSplitConcat", "OffloadNormAct", "FuseActQuantize"]
+__all__ += ["FoldSplitConcat", "OffloadNormAct", "FuseActQuantize", "FuseSiluGemm"]

@@ -20,6 +20,13 @@ A group is merged only if every function that uses its weights has the same grou
 are shared by all functions) and each weight (param) is read by that linear alone. The params
 transform is :func:`merge_params`; what was merged is recorded on the module
 (``MERGED_ATTR``, read back by :func:`merged_linears`).
+
+``interleave_swiglu=8`` (CUDA builds of the static W8A8 schemes): a statically quantized pair
+used as ``quantize(multiply(silu(a), b))`` (gate, up) is merged with its rows interleaved in blocks
+of 8 (gate 0-7, up 0-7, gate 8-15, ...), and its output is taken apart by
+``reshape(split(reshape(y, [..., n / 8, 2, 8]), 2, axis=-2)[i], [..., n])`` instead of a split.
+That is the layout the SiLU * up GEMM epilogue reads (passes/fuse_silu_gemm.py); where that pass
+does not apply (decode) TVM compiles the reshapes, and the values are the same.
 """
 from __future__ import annotations
 
@@ -50,10 +57,13 @@ class LinearMerge:
     parts: Tuple[str, ...]
     sizes: Tuple[int, ...]
     quantized: bool
+    interleave: int = 0  # > 0: two parts' rows interleaved in blocks of this many (see above)
 
     def to_dict(self) -> Dict:
-        return {"name": self.name, "parts": list(self.parts), "sizes": list(self.sizes),
-                "quantized": self.quantized}
+        d = {"name": self.name, "parts": list(self.parts), "sizes": list(self.sizes), "quantized": self.quantized}
+        if self.interleave:
+            d["interleave"] = self.interleave
+        return d
 
 
 @dataclass
@@ -178,6 +188,27 @@ def _groups(func: relax.Function, fname: str, quantized: bool) -> List[List[_Sit
     return out
 
 
+def _is_swiglu_pair(f: _Finder, g: List[_Site], block: int) -> bool:
+    """Two statically quantized linears of the same width used as quantize(silu(a) * b), the
+    quantize static and int8 (the down_proj's input), widths a multiple of ``block``."""
+    if len(g) != 2 or g[0].n != g[1].n or g[0].n % block != 0 or g[0].key[1][0] != "static":
+        return False
+    gate, up = g[0].out, g[1].out
+    users = f.users.get(gate, [])
+    if len(users) != 1 or not f.is_call(f.table.get(users[0]), "relax.nn.silu"):
+        return False
+    act = users[0]
+    users = f.users.get(act, [])
+    if len(users) != 1 or f.users.get(up, []) != users:
+        return False
+    mul = f.table.get(users[0])
+    if not (f.is_call(mul, "relax.multiply") and {a for a in mul.args} == {act, up}):
+        return False
+    users = f.users.get(users[0], [])
+    q = f.table.get(users[0]) if len(users) == 1 else None
+    return f.is_call(q, "relax.quantize") and str(q.attrs.out_dtype) == "int8"
+
+
 def merged_name(parts: Sequence[str], taken=()) -> str:
     """``a.q_proj.weight`` + ``a.k_proj.weight`` + ``a.v_proj.weight`` -> ``a.qkv_proj.weight``;
     ``gate_proj`` + ``up_proj`` -> ``gate_up_proj``."""
@@ -222,9 +253,10 @@ class MergeSiblingLinears:
     :func:`merge_params` turns the params of the unmerged module into those of the merged one.
     """
 
-    def __init__(self, scheme=None, min_group: int = 2):
+    def __init__(self, scheme=None, min_group: int = 2, interleave_swiglu: int = 0):
         self.scheme = scheme
         self.min_group = int(min_group)
+        self.interleave_swiglu = int(interleave_swiglu)
         self.merges: List[LinearMerge] = []
 
     def transform_module(self, mod: IRModule, _ctx: tvm.transform.PassContext) -> IRModule:
@@ -254,6 +286,16 @@ class MergeSiblingLinears:
         for parts in sorted(accepted):
             names[parts] = merged_name(parts, taken)
             taken.add(names[parts])
+        # a SiLU-gated pair is interleaved only if it is one in every function that has it
+        interleave = {}
+        if self.interleave_swiglu > 0:
+            for fname, groups in per_func.items():
+                f = _Finder(mod[fname])
+                for g in groups:
+                    parts = tuple(s.name for s in g)
+                    if parts in accepted:
+                        ok = _is_swiglu_pair(f, g, self.interleave_swiglu)
+                        interleave[parts] = interleave.get(parts, True) and ok
         merges: Dict[tuple, LinearMerge] = {}
         rewriter = _Merger(mod, self.scheme)
         for fname, groups in per_func.items():
@@ -263,9 +305,11 @@ class MergeSiblingLinears:
             for g in groups:
                 parts = tuple(s.name for s in g)
                 merges.setdefault(parts, LinearMerge(names[parts], parts, tuple(s.n for s in g),
-                                                     g[0].key[0] == "int8"))
+                                                     g[0].key[0] == "int8",
+                                                     self.interleave_swiglu if interleave.get(parts) else 0))
             gvar = mod.get_global_var(fname)
-            new = rewriter.rewrite(mod[gvar], groups, names)
+            new = rewriter.rewrite(mod[gvar], groups, names, {p for p, on in interleave.items() if on},
+                                   self.interleave_swiglu)
             rewriter.builder_.update_func(gvar, new)
         out = rewriter.builder_.get()
         self.merges = sorted(merges.values(), key=lambda m: m.name)
@@ -284,10 +328,12 @@ class _Merger(PyExprMutator):
         self.names: Dict[tuple, str] = {}
         self.wparams: Dict[tuple, Dict[str, relax.Var]] = {}
 
-    def rewrite(self, func: relax.Function, groups: List[List[_Site]], names) -> relax.Function:
+    def rewrite(self, func: relax.Function, groups: List[List[_Site]], names, interleaved=(),
+                block: int = 0) -> relax.Function:
         table = bindings_of(func)
         position = {v: i for i, v in enumerate(table)}
         self.first, self.skip, self.names, self.wparams = {}, set(), names, {}
+        self.interleaved, self.block = set(interleaved), block
         first_param: Dict[relax.Var, List[_Site]] = {}
         dropped = set()
         for g in groups:
@@ -351,10 +397,17 @@ class _Merger(PyExprMutator):
             act = ActQParams(*g[0].act) if g[0].act is not None else None
             y = self.scheme.emit_linear(bb, x, wparams, name, act)
         y = bb.emit(bb.normalize(y), name_hint=name.replace(".", "_"))
-        cuts = np.cumsum([s.n for s in g])[:-1].tolist()
-        pieces = bb.emit(relax.op.split(y, cuts, axis=-1))
-        for i, s in enumerate(g):
-            item = relax.TupleGetItem(pieces, i)
+        if parts in self.interleaved:  # rows interleaved in blocks: take them apart by a view
+            lead = list(y.ty.shape.values)[:-1]
+            n, b = g[0].n, self.block
+            blocks = bb.emit(relax.op.reshape(y, lead + [n // b, 2, b]))
+            pieces = bb.emit(relax.op.split(blocks, 2, axis=-2))
+            items = [relax.op.reshape(relax.TupleGetItem(pieces, i), lead + [n]) for i in range(2)]
+        else:
+            cuts = np.cumsum([s.n for s in g])[:-1].tolist()
+            pieces = bb.emit(relax.op.split(y, cuts, axis=-1))
+            items = [relax.TupleGetItem(pieces, i) for i in range(len(g))]
+        for s, item in zip(g, items):
             if isinstance(s.out, relax.DataflowVar) or not bb.current_block_is_dataflow():
                 new = bb.emit(item, name_hint=s.out.name)
             else:
@@ -369,8 +422,16 @@ def merged_linears(mod: IRModule) -> List[LinearMerge]:
     """The merges recorded on ``mod`` by MergeSiblingLinears (empty if none)."""
     if mod.attrs is None or MERGED_ATTR not in mod.attrs:
         return []
-    return [LinearMerge(d["name"], tuple(d["parts"]), tuple(d["sizes"]), bool(d["quantized"]))
+    return [LinearMerge(d["name"], tuple(d["parts"]), tuple(d["sizes"]), bool(d["quantized"]),
+                        int(d.get("interleave", 0)))
             for d in json.loads(str(mod.attrs[MERGED_ATTR]))]
+
+
+def interleave_rows(a: np.ndarray, block: int) -> np.ndarray:
+    """Rows [a0; a1] (two equal halves) -> blocks of ``block`` rows taken in turn from each."""
+    a = np.asarray(a)
+    n = a.shape[0] // 2
+    return a.reshape((2, n // block, block) + a.shape[1:]).swapaxes(0, 1).reshape(a.shape)
 
 
 def merge_params(params: Mapping[str, np.ndarray], merges: Sequence[LinearMerge]) -> Dict[str, np.ndarray]:
@@ -395,7 +456,8 @@ def merge_params(params: Mapping[str, np.ndarray], merges: Sequence[LinearMerge]
             for p, n in zip(m.parts, m.sizes):
                 a = np.asarray(params[p + suffix])
                 arrays.append(np.full((n,), a, dtype=a.dtype) if a.ndim == 0 else a)
-            out[m.name + suffix] = np.concatenate(arrays, axis=0)
+            merged = np.concatenate(arrays, axis=0)
+            out[m.name + suffix] = interleave_rows(merged, m.interleave) if m.interleave else merged
             for p in m.parts:
                 out.pop(p + suffix, None)
     return out

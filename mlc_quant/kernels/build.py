@@ -41,6 +41,8 @@ CUBLAS_WHEEL = ("nvidia-cublas", "13.1.0.3")
 
 # Tile configurations compiled from cutlass_w8a8_sm90.cu (see the MLCQ_CFG blocks there).
 CUTLASS_CONFIGS = (0, 1, 2)
+# The configs compiled a second time with the SiLU * up + quantize epilogue (MLCQ_EPI=1).
+CUTLASS_SILU_CONFIGS = (0, 2)
 # Generic (non-CUTLASS) code runs on Ampere too; CUTLASS needs sm_90a (wgmma, TMA).
 GENERIC_GENCODE = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
 SM90A_GENCODE = ["-gencode=arch=compute_90a,code=sm_90a"]
@@ -264,6 +266,17 @@ def _units() -> List[_Unit]:
                 # griddepcontrol in the kernel, for PDL (mlcq_pdl.h); CUTLASS 4.2's stream-K
                 # scheduler does not compile with it (is_last_tile), so ping-pong only
                 + (["-DCUTLASS_ENABLE_GDC_FOR_SM90"] if cfg in (0, 2) else []),
+                ("cutlass",),
+            )
+        )
+    for cfg in CUTLASS_SILU_CONFIGS:  # the SiLU * up + quantize epilogue (passes/fuse_silu_gemm.py)
+        units.append(
+            _Unit(
+                f"mlcq_cutlass_sm90_silu_cfg{cfg}",
+                KERNEL_DIR / "cutlass_w8a8_sm90.cu",
+                base + SM90A_GENCODE
+                + ["--expt-relaxed-constexpr", f"-DMLCQ_CFG={cfg}", "-DMLCQ_ASYM=1", "-DMLCQ_EPI=1",
+                   "-DCUTLASS_ENABLE_GDC_FOR_SM90"],
                 ("cutlass",),
             )
         )

@@ -10,9 +10,18 @@
 // asymmetric scheme. The epilogue is an EVT (epilogue visitor tree), so the scales are applied in
 // registers before the single TMA store of fp16 - no int32 round trip through memory.
 //
-// This translation unit is compiled once per (tile config, variant) pair: the build passes
-// -DMLCQ_CFG=<n> and -DMLCQ_ASYM=<0|1>, so the slow CUTLASS template instantiations compile in
-// parallel and are cached separately (see build.py).
+// With -DMLCQ_EPI=1 the epilogue is instead SiLU * up + the static int8 quantize of the next
+// linear (the gate/up GEMM of a W8A8 MLP, weight rows of gate and up interleaved in blocks of 8):
+//
+//   q[m, j] = clamp(rint(fp16(silu(g) * u) / s) + z, -128, 127),  g / u = fp16(out) of the gate /
+//   up column of j,  q [M, N / 2] int8,  optionally rowsum[m] += sum_j q[m, j]
+//
+// the same arithmetic as the fp16 store + norm_act.cu's SiLU * up quantize kernel, so q is the
+// same bit for bit, but the GEMM writes a quarter of the bytes and the SiLU kernel is gone.
+//
+// This translation unit is compiled once per (tile config, variant, epilogue): the build passes
+// -DMLCQ_CFG=<n>, -DMLCQ_ASYM=<0|1> and -DMLCQ_EPI=<0|1>, so the slow CUTLASS template
+// instantiations compile in parallel and are cached separately (see build.py).
 #include <atomic>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -29,12 +38,16 @@
 #include "cutlass/gemm/kernel/tile_scheduler.hpp"
 #include "mlcq_internal.h"
 #include "mlcq_pdl.h"
+#include "mlcq_quant.h"
 
 #ifndef MLCQ_CFG
 #define MLCQ_CFG 0
 #endif
 #ifndef MLCQ_ASYM
 #define MLCQ_ASYM 0
+#endif
+#ifndef MLCQ_EPI
+#define MLCQ_EPI 0
 #endif
 
 namespace mlcq {
@@ -132,8 +145,9 @@ using LayoutD = cutlass::layout::RowMajor;     // out [M, N]
 constexpr int kAlignA = 16;                    // TMA: 16-byte rows -> K % 16 == 0
 constexpr int kAlignB = 16;
 constexpr int kAlignD = 8;                     // N % 8 == 0 for the fp16 TMA store
-constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
 
+#if MLCQ_EPI == 0
+constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
 namespace fus = cutlass::epilogue::fusion;
 // Column-of-output broadcasts are indexed by n (Row broadcast in CUTLASS terms), row ones by m.
 // s_col's N stride is a run-time bool: a per-tensor scale is the same kernel with stride 0.
@@ -157,6 +171,144 @@ using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBui
     cutlass::epilogue::collective::EpilogueTileAuto, ElementAcc, ElementCompute,
     void, LayoutD, kAlignD,  // no C operand
     ElementD, LayoutD, kAlignD, EpilogueSchedule, EpilogueTree>::CollectiveOp;
+#else
+// SiLU * up + quantize from the accumulator registers. An SM90 GMMA accumulator fragment is
+// ((2 columns, 2 rows 8 apart, N/8 chunks of 8 columns), MMA_M, MMA_N): with gate and up rows
+// interleaved in blocks of 8, chunk 2k holds gate columns and chunk 2k+1 the up columns of the
+// same output columns, in the same thread. The TMA store cannot drop half the columns, so this
+// is an operator-style epilogue (no shared memory) that stores 2 int8 per (row, chunk pair).
+class SiluQuantEpilogue {
+ public:
+  using EpilogueSchedule = cutlass::gemm::EpilogueDefault;
+  using DispatchPolicy = EpilogueSchedule;
+  using ElementC = int8_t;
+  using ElementD = int8_t;
+  using ElementOutput = int8_t;
+  using ElementAccumulator = int32_t;
+  using ElementCompute = float;
+  using ElementScalar = float;
+  using StrideC = Stride<int64_t, _1, int64_t>;
+  using StrideD = StrideC;
+  using GmemTiledCopyC = void;
+  using GmemTiledCopyD = void;
+  struct ThreadEpilogueOp {};  // GemmUniversalAdapter names it; nothing reads it
+  struct SharedStorage {};
+  using TensorStorage = SharedStorage;
+  struct Arguments {
+    const float* scale_row = nullptr;  // [M] or null (1)
+    const float* scale_col = nullptr;  // [N] or a device scalar, or null (scale_col_value)
+    float scale_col_value = 1.f;
+    bool scale_col_is_vector = false;
+    const int32_t* rowsum = nullptr;   // asymmetric weights: rowsum [M], zw [N], c [N]
+    const int32_t* zw = nullptr;
+    const int32_t* c = nullptr;
+    const float* act_scale = nullptr;  // the next linear's static activation scale (scalar)
+    const int8_t* act_zero = nullptr;  // and zero point (scalar), null = 0
+    int8_t* q = nullptr;               // [M, N / 2]
+    int32_t* q_rowsum = nullptr;       // [M], zeroed before the launch, or null
+  };
+  using Params = Arguments;
+
+  template <class ProblemShape>
+  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) {
+    return args;
+  }
+  template <class ProblemShape>
+  static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
+    return 0;
+  }
+  template <class ProblemShape>
+  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*, cudaStream_t,
+                                              cutlass::CudaHostAdapter* = nullptr) {
+    return cutlass::Status::kSuccess;
+  }
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const& problem_shape, Arguments const& args) {
+    return get<1>(problem_shape) % 16 == 0 && args.q != nullptr && args.act_scale != nullptr;
+  }
+
+  CUTLASS_HOST_DEVICE
+  SiluQuantEpilogue(Params const& params, SharedStorage const& = SharedStorage()) : params_(params) {}
+
+  CUTLASS_DEVICE bool is_source_needed() { return false; }
+
+  template <class ProblemShapeMNKL, class BlockShapeMNK, class BlockCoordMNKL, class FrgEngine,
+            class FrgLayout, class TiledMma, class ResidueMNK>
+  CUTLASS_DEVICE void operator()(ProblemShapeMNKL problem_shape_mnkl, BlockShapeMNK blk_shape_MNK,
+                                 BlockCoordMNKL blk_coord_mnkl, Tensor<FrgEngine, FrgLayout> const& acc,
+                                 TiledMma tiled_mma, ResidueMNK, int thread_idx, char*) {
+    static_assert(is_static<FrgLayout>::value, "accumulator layout must be static");
+    static_assert(rank<0>(FrgLayout{}) == 3 && size<0, 0>(FrgLayout{}) == 2 && size<0, 1>(FrgLayout{}) == 2,
+                  "expected the SM90 GMMA accumulator fragment ((2, 2, N / 8), MMA_M, MMA_N)");
+    constexpr int kChunks = size<0, 2>(FrgLayout{});
+    static_assert(kChunks % 2 == 0, "an MMA atom must hold whole 16-column gate/up blocks");
+    constexpr int kMmaM = size<1>(FrgLayout{}), kMmaN = size<2>(FrgLayout{});
+    const int M = static_cast<int>(get<0>(problem_shape_mnkl));
+    const int N = static_cast<int>(get<1>(problem_shape_mnkl));
+    const int m0 = static_cast<int>(get<0>(blk_coord_mnkl)) * size<0>(blk_shape_MNK);
+    const int n0 = static_cast<int>(get<1>(blk_coord_mnkl)) * size<1>(blk_shape_MNK);
+    // (m, n) inside the tile of every accumulator element of this thread
+    Tensor tC = tiled_mma.get_thread_slice(thread_idx).partition_C(make_identity_tensor(take<0, 2>(blk_shape_MNK)));
+    const Params& p = params_;
+    const float s = p.act_scale[0];
+    const float r = 1.f / s;  // as norm_act.cu's SiLU kernels: IEEE division, then div_rn
+    const float z = p.act_zero != nullptr ? static_cast<float>(p.act_zero[0]) : 0.f;
+    const float sc_scalar = p.scale_col == nullptr ? p.scale_col_value : p.scale_col_is_vector ? 0.f : p.scale_col[0];
+    const int64_t ldq = N / 2;
+    CUTLASS_PRAGMA_UNROLL
+    for (int mi = 0; mi < kMmaM; ++mi) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int v1 = 0; v1 < 2; ++v1) {
+        const int m = m0 + static_cast<int>(get<0>(tC(make_coord(0, v1, 0), mi, 0)));
+        const bool row_ok = m < M;
+        const float sr = p.scale_row != nullptr && row_ok ? p.scale_row[m] : 1.f;
+        const int32_t rs = p.rowsum != nullptr && row_ok ? p.rowsum[m] : 0;
+        int sum = 0;
+        CUTLASS_PRAGMA_UNROLL
+        for (int ni = 0; ni < kMmaN; ++ni) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int k = 0; k < kChunks; k += 2) {
+            const int n = n0 + static_cast<int>(get<1>(tC(make_coord(0, v1, k), mi, ni)));  // gate column
+            if (!row_ok || n >= N) continue;
+            int q2[2];
+            CUTLASS_PRAGMA_UNROLL
+            for (int v0 = 0; v0 < 2; ++v0) {
+              const int ng = n + v0, nu = ng + 8;
+              int32_t ag = acc(make_coord(v0, v1, k), mi, ni), au = acc(make_coord(v0, v1, k + 1), mi, ni);
+              if (p.zw != nullptr) {  // exact int32, wrapping like the Relax reference
+                ag = ag - rs * p.zw[ng] - p.c[ng];
+                au = au - rs * p.zw[nu] - p.c[nu];
+              }
+              const float scg = p.scale_col_is_vector ? p.scale_col[ng] : sc_scalar;
+              const float scu = p.scale_col_is_vector ? p.scale_col[nu] : sc_scalar;
+              // the fp16 GEMM output, then norm_act.cu's SiluMul8 and its fp16 rounding
+              const float g = __half2float(__float2half_rn(affine_sat(static_cast<float>(ag), sr, scg, 0.f)));
+              const float u = __half2float(__float2half_rn(affine_sat(static_cast<float>(au), sr, scu, 0.f)));
+              const float h = __half2float(__float2half_rn(g * __frcp_rn(1.f + __expf(-g)) * u));
+              q2[v0] = mlcq::quantize_one(h, s, r, z, -128.f);
+              sum += q2[v0];
+            }
+            const int col = (n >> 4) * 8 + (n & 7);
+            const uint16_t packed = static_cast<uint16_t>(static_cast<uint8_t>(q2[0]) |
+                                                          (static_cast<uint8_t>(q2[1]) << 8));
+            *reinterpret_cast<uint16_t*>(p.q + m * ldq + col) = packed;
+          }
+        }
+        if (p.q_rowsum != nullptr) {
+          // the 4 threads of a quad hold the same two rows: sum there, one atomic per quad
+          sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+          sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+          if (row_ok && (thread_idx & 3) == 0) atomicAdd(p.q_rowsum + m, sum);
+        }
+      }
+    }
+  }
+
+ private:
+  Params params_;
+};
+using CollectiveEpilogue = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<SiluQuantEpilogue>;
+#endif
 
 using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
     cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementA, LayoutA, kAlignA, ElementB,
@@ -197,10 +349,9 @@ bool SmemAttributeSet(int device) {
   }
   return state == 1;
 }
-}  // namespace
 
-// Returns an empty string on success, else why the kernel cannot run (the caller falls back).
-const char* MLCQ_ENTRY(const GemmProblem& p, Workspace* ws, cudaStream_t stream) {
+// The mainloop arguments of p (shared by both epilogues): "" or why CUTLASS cannot take it.
+const char* MainloopArguments(const GemmProblem& p, cutlass_sm90::Gemm::Arguments& args) {
   using namespace cutlass_sm90;
   if (p.K % kAlignA != 0 || p.N % kAlignD != 0) return "needs K % 16 == 0 and N % 8 == 0";
 #if !MLCQ_ASYM
@@ -208,43 +359,22 @@ const char* MLCQ_ENTRY(const GemmProblem& p, Workspace* ws, cudaStream_t stream)
 #endif
   using StrideA = typename Gemm::GemmKernel::StrideA;
   using StrideB = typename Gemm::GemmKernel::StrideB;
-  using StrideD = typename Gemm::GemmKernel::StrideD;
   const int M = static_cast<int>(p.M), N = static_cast<int>(p.N), K = static_cast<int>(p.K);
   StrideA sa = make_stride(int64_t(K), _1{}, int64_t(M) * K);
   StrideB sb = make_stride(int64_t(K), _1{}, int64_t(N) * K);
-  StrideD sd = make_stride(int64_t(N), _1{}, int64_t(M) * N);
 
-  typename Gemm::Arguments args;
   args.mode = cutlass::gemm::GemmUniversalMode::kGemm;
   args.problem_shape = {M, N, K, 1};
   args.mainloop = {static_cast<const int8_t*>(p.x), sa, static_cast<const int8_t*>(p.w), sb};
-  auto& f = args.epilogue.thread;
-  // Tree arguments are nested like the tree: {children..., node}.
-#if MLCQ_ASYM
-  f = {
-      {{},
-       {p.rowsum, 0, {}},
-       {p.zw, 0, {}},
-       {p.c, 0, {}},
-       {}},
-      {p.scale_row, 1.f, {}},
-      {p.scale_col, p.scale_col_value, {_0{}, p.scale_col_is_vector, _0{}}},
-      {reinterpret_cast<const cutlass::half_t*>(p.bias), cutlass::half_t(0.f), {}},
-      {}};
-#else
-  f = {{},
-       {p.scale_row, 1.f, {}},
-       {p.scale_col, p.scale_col_value, {_0{}, p.scale_col_is_vector, _0{}}},
-       {reinterpret_cast<const cutlass::half_t*>(p.bias), cutlass::half_t(0.f), {}},
-       {}};
-#endif
-  args.epilogue.ptr_C = nullptr;
-  args.epilogue.dC = sd;
-  args.epilogue.ptr_D = reinterpret_cast<cutlass::half_t*>(p.out);
-  args.epilogue.dD = sd;
   args.hw_info.device_id = p.device_id;
   args.hw_info.sm_count = p.sm_count;
+  return "";
+}
 
+// Launches the GEMM of args; "" or why it could not.
+const char* Launch(typename cutlass_sm90::Gemm::Arguments& args, const GemmProblem& p, Workspace* ws,
+                   cudaStream_t stream) {
+  using namespace cutlass_sm90;
   if (Gemm::can_implement(args) != cutlass::Status::kSuccess) return "CUTLASS can_implement failed";
   size_t ws_bytes = Gemm::get_workspace_size(args);
   void* ws_ptr = ws_bytes ? ws->get(ws_bytes, Workspace::kCutlass) : nullptr;
@@ -299,6 +429,71 @@ const char* MLCQ_ENTRY(const GemmProblem& p, Workspace* ws, cudaStream_t stream)
   return "";
 }
 
+}  // namespace
+
+#if MLCQ_EPI == 0
+// Returns an empty string on success, else why the kernel cannot run (the caller falls back).
+const char* MLCQ_ENTRY(const GemmProblem& p, Workspace* ws, cudaStream_t stream) {
+  using namespace cutlass_sm90;
+  typename Gemm::Arguments args;
+  const char* why = MainloopArguments(p, args);
+  if (*why != 0) return why;
+  using StrideD = typename Gemm::GemmKernel::StrideD;
+  StrideD sd = make_stride(int64_t(p.N), _1{}, int64_t(p.M) * p.N);
+  auto& f = args.epilogue.thread;
+  // Tree arguments are nested like the tree: {children..., node}.
+#if MLCQ_ASYM
+  f = {
+      {{},
+       {p.rowsum, 0, {}},
+       {p.zw, 0, {}},
+       {p.c, 0, {}},
+       {}},
+      {p.scale_row, 1.f, {}},
+      {p.scale_col, p.scale_col_value, {_0{}, p.scale_col_is_vector, _0{}}},
+      {reinterpret_cast<const cutlass::half_t*>(p.bias), cutlass::half_t(0.f), {}},
+      {}};
+#else
+  f = {{},
+       {p.scale_row, 1.f, {}},
+       {p.scale_col, p.scale_col_value, {_0{}, p.scale_col_is_vector, _0{}}},
+       {reinterpret_cast<const cutlass::half_t*>(p.bias), cutlass::half_t(0.f), {}},
+       {}};
+#endif
+  args.epilogue.ptr_C = nullptr;
+  args.epilogue.dC = sd;
+  args.epilogue.ptr_D = reinterpret_cast<cutlass::half_t*>(p.out);
+  args.epilogue.dD = sd;
+  return Launch(args, p, ws, stream);
+}
+#else
+// SiLU * up + quantize epilogue (see the top of this file); p.out is unused, o.q gets the output.
+const char* MLCQ_PASTE(cutlass_w8a8_silu_q_sm90, MLCQ_CFG, MLCQ_ASYM)(const GemmProblem& p, const SiluQuantOut& o,
+                                                                   Workspace* ws, cudaStream_t stream) {
+  using namespace cutlass_sm90;
+  if (p.N % 16 != 0) return "needs N % 16 == 0 (whole gate/up blocks of 8)";
+  if (p.bias != nullptr) return "no bias in the SiLU epilogue";
+  typename Gemm::Arguments args;
+  const char* why = MainloopArguments(p, args);
+  if (*why != 0) return why;
+  auto& e = args.epilogue;
+  e.scale_row = p.scale_row;
+  e.scale_col = p.scale_col;
+  e.scale_col_value = p.scale_col_value;
+  e.scale_col_is_vector = p.scale_col_is_vector;
+  e.rowsum = p.rowsum;
+  e.zw = p.zw;
+  e.c = p.c;
+  e.act_scale = o.s;
+  e.act_zero = o.z;
+  e.q = o.q;
+  e.q_rowsum = o.rowsum;
+  return Launch(args, p, ws, stream);
+}
+#endif
+
+#if MLCQ_EPI == 0
 const char* MLCQ_PASTE(cutlass_w8a8_sm90_name, MLCQ_CFG, MLCQ_ASYM)() { return MLCQ_CFG_NAME; }
+#endif
 
 }  // namespace mlcq

@@ -322,6 +322,14 @@ void LaunchDynamicT(const T* x, int64_t M, int64_t K, const float* eps, int8_t* 
   MLCQ_CUDA_CHECK(cudaGetLastError());
 }
 
+// Zeroes a buffer an epilogue then adds to (kernel, not memset: it keeps the PDL chain).
+__global__ void zero_i32_kernel(int32_t* p, int64_t n) {
+  PdlWaitAndRelease();
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    p[i] = 0;
+}
+
 }  // namespace
 
 void LaunchQuantizePerTensor(const void* x, int x_dtype, int64_t M, int64_t K, const float* s,
@@ -347,6 +355,14 @@ void LaunchQuantizePerTokenDynamic(const void* x, int x_dtype, int64_t M, int64_
       return LaunchDynamicT(static_cast<const float*>(x), M, K, eps, q, s_out, stream);
   }
   ThrowError("ValueError", "quantize: unsupported activation dtype");
+}
+
+void LaunchZeroI32(int32_t* p, int64_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 65535);
+  LaunchPdl(kPdlQuant, zero_i32_kernel, dim3(static_cast<unsigned>(blocks)), dim3(threads), 0, stream, p, n);
+  MLCQ_CUDA_CHECK(cudaGetLastError());
 }
 
 void LaunchRowSum(const int8_t* q, int64_t M, int64_t K, int32_t* rowsum, cudaStream_t stream) {

@@ -236,6 +236,7 @@ std::string CutlassUnusable(const GemmProblem& p, const DeviceInfo& info) {
   if (p.K % 16 != 0 || p.N % 8 != 0) return "CUTLASS needs K % 16 == 0 and N % 8 == 0";
   if (!Aligned(p.x, 16) || !Aligned(p.w, 16) || !Aligned(p.out, 16))
     return "CUTLASS needs 16-byte aligned x, w and out";
+  if (p.silu != nullptr && !Aligned(p.silu->q, 16)) return "CUTLASS SiLU epilogue needs a 16-byte aligned q";
   return "";
 }
 
@@ -271,10 +272,54 @@ bool TryCublasLt(const GemmProblem& p, Workspace* ws, cudaStream_t stream) {
   return true;
 }
 
+// The SiLU * up + quantize epilogue (ping-pong configs 0 and 2 only): true when it ran. Taken
+// where the auto policy would run CUTLASS (M > kSmallM) or CUTLASS is forced.
+bool TrySiluCutlass(const GemmProblem& p, Backend backend, const DeviceInfo& info, Workspace* ws,
+                    cudaStream_t stream) {
+  int cfg = ForcedCutlassConfig(backend);
+  const bool forced = backend == Backend::kCutlass || cfg >= 0;
+  if (!forced && (backend != Backend::kAuto || p.M <= kSmallM)) return false;
+  if (cfg < 0) cfg = p.M <= 128 ? 2 : 0;
+  std::string why = CutlassUnusable(p, info);
+  if (why.empty() && cfg == 1) why = "the SiLU epilogue has no stream-K config";
+  if (why.empty()) {
+    if (p.silu->rowsum != nullptr) LaunchZeroI32(p.silu->rowsum, p.M, stream);
+    why = (cfg == 0 ? cutlass_w8a8_silu_q_sm90_cfg0_asym1 : cutlass_w8a8_silu_q_sm90_cfg2_asym1)(p, *p.silu, ws, stream);
+  }
+  if (!why.empty()) {
+    if (forced) ThrowError("ValueError", "mlc_quant: CUTLASS backend forced but the SiLU epilogue is unusable: " + why);
+    return false;
+  }
+  MLCQ_CUDA_CHECK(cudaGetLastError());
+  SetLast(std::string("cutlass_silu_q:") + kCutlassNames[cfg]());
+  return true;
+}
+
+// The unfused SiLU * up + quantize after a GEMM or GEMV wrote the fp16 gate/up to p.out.
+void RunSiluAfter(const GemmProblem& p, cudaStream_t stream) {
+  LaunchSiluMulQInterleaved(p.out, p.M, p.N / 2, p.silu->s, p.silu->z, p.silu->q, p.silu->rowsum, stream);
+  SetLast(std::string(g_last_kernel) + "+silu_mul_q");
+}
+
+// p.out for the unfused SiLU path: fp16 scratch [M, N].
+void SiluScratch(GemmProblem& p, Workspace* ws) {
+  if (p.silu != nullptr && p.out == nullptr)
+    p.out = ws->get(static_cast<size_t>(p.M) * p.N * 2, Workspace::kSiluOut);
+}
+
 void RunInt8Gemm(GemmProblem& p, Backend backend, cudaStream_t stream) {
   const DeviceInfo& info = GetDeviceInfo(p.device_id);
   p.sm_count = info.sm_count;
   Workspace* ws = Workspace::ForDevice(p.device_id);
+  if (p.silu != nullptr) {
+    if (TrySiluCutlass(p, backend, info, ws, stream)) return;
+    SiluScratch(p, ws);
+    GemmProblem plain = p;
+    plain.silu = nullptr;
+    RunInt8Gemm(plain, backend, stream);
+    RunSiluAfter(p, stream);
+    return;
+  }
   if (backend == Backend::kCutlass || ForcedCutlassConfig(backend) >= 0) {  // forced: no fallback
     std::string why = TryCutlass(p, backend, info, ws, stream);
     if (!why.empty()) ThrowError("ValueError", "mlc_quant: CUTLASS backend forced but unusable: " + why);
@@ -307,15 +352,18 @@ const char* LastKernelName() { return g_last_kernel; }
 
 void RunLinear(const LinearArgs& a) {
   Checker ck(a);
-  if (a.x == nullptr || a.w == nullptr || a.out == nullptr) ck.Fail("x, w and out are required");
+  const bool silu = a.silu_q != nullptr;
+  if (a.x == nullptr || a.w == nullptr || (a.out == nullptr && !silu)) ck.Fail("x, w and out are required");
+  if (silu && a.out != nullptr) ck.Fail("give out or silu_q, not both");
   for (auto [t, name] : {std::pair{a.x, "x"}, {a.w, "w"}, {a.out, "out"}, {a.x_scale, "x_scale"},
                          {a.x_zero, "x_zero"}, {a.token_scale, "token_scale"},
                          {a.token_eps, "token_eps"}, {a.scale, "scale"},
                          {a.w_zero, "w_zero"}, {a.corr, "corr"}, {a.row_sum, "row_sum"},
-                         {a.bias, "bias"}})
+                         {a.bias, "bias"}, {a.silu_q, "silu_q"}, {a.act_scale, "act_scale"},
+                         {a.act_zero, "act_zero"}, {a.q_rowsum, "q_rowsum"}})
     ck.Device(t, name);
   const int device = ck.device();
-  if (a.x->ndim < 1 || a.w->ndim != 2 || a.out->ndim < 1)
+  if (a.x->ndim < 1 || a.w->ndim != 2 || (!silu && a.out->ndim < 1))
     ck.Fail("expected x [..., K], a 2-D weight and out [..., N]");
   const int64_t K = a.x->shape[a.x->ndim - 1];
   const int64_t M = K == 0 ? 0 : Numel(a.x) / K;
@@ -324,9 +372,34 @@ void RunLinear(const LinearArgs& a) {
   const int64_t wK = kn ? a.w->shape[0] : a.w->shape[1];
   if (wK != K)
     ck.Fail("x has K=" + std::to_string(K) + " but the weight has K=" + std::to_string(wK));
-  if (a.out->shape[a.out->ndim - 1] != N || Numel(a.out) != M * N)
+  SiluQuantOut silu_out;
+  if (silu) {
+    if (a.scheme != Scheme::kSymmetric && a.scheme != Scheme::kAsymmetric)
+      ck.Fail("silu_q needs the symmetric or asymmetric scheme (static int8 out)");
+    if (N % 16 != 0) ck.Fail("silu_q needs N % 16 == 0 (gate/up interleaved in blocks of 8), got N=" + std::to_string(N));
+    if (a.bias != nullptr) ck.Fail("silu_q takes no bias");
+    ck.DType(a.silu_q, "silu_q", kDLInt, 8);
+    if (a.silu_q->ndim < 1 || a.silu_q->shape[a.silu_q->ndim - 1] != N / 2 || Numel(a.silu_q) != M * (N / 2))
+      ck.Fail("silu_q must be [..., " + std::to_string(N / 2) + "] with " + std::to_string(M) + " rows");
+    ck.Required(a.act_scale, "act_scale");
+    ck.DType(a.act_scale, "act_scale", kDLFloat, 32);
+    if (Numel(a.act_scale) != 1) ck.Fail("act_scale must be a scalar");
+    if (a.act_zero != nullptr) {
+      ck.DType(a.act_zero, "act_zero", kDLInt, 8);
+      if (Numel(a.act_zero) != 1) ck.Fail("act_zero must be a scalar");
+    }
+    if (a.q_rowsum != nullptr) {
+      ck.DType(a.q_rowsum, "q_rowsum", kDLInt, 32);
+      if (Numel(a.q_rowsum) != M) ck.Fail("q_rowsum must have one value per row of x");
+    }
+    silu_out.q = static_cast<int8_t*>(Data(a.silu_q));
+    silu_out.s = static_cast<const float*>(Data(a.act_scale));
+    silu_out.z = static_cast<const int8_t*>(Data(a.act_zero));
+    silu_out.rowsum = static_cast<int32_t*>(Data(a.q_rowsum));
+  } else if (a.out->shape[a.out->ndim - 1] != N || Numel(a.out) != M * N) {
     ck.Fail("out must be [..., " + std::to_string(N) + "] with " + std::to_string(M) + " rows");
-  const int out_kind = FloatKind(a.out->dtype);
+  }
+  const int out_kind = silu ? static_cast<int>(kF16) : FloatKind(a.out->dtype);
   if (out_kind < 0) ck.Fail("out dtype " + DTypeStr(a.out->dtype) + " is not a float type");
   if (a.bias != nullptr) {
     if (Numel(a.bias) != N || a.bias->shape[a.bias->ndim - 1] != N)
@@ -380,6 +453,7 @@ void RunLinear(const LinearArgs& a) {
   GemmProblem p;
   p.M = M, p.N = N, p.K = K, p.w = Data(a.w), p.out = Data(a.out), p.out_dtype = out_kind;
   p.bias = Data(a.bias), p.bias_dtype = out_kind, p.device_id = device;
+  if (silu) p.silu = &silu_out;
   Workspace* ws = Workspace::ForDevice(device);
   const Backend backend = EnvBackend(a.backend);
   // M <= 8 (decode): one GEMV kernel quantizes x, multiplies and applies the epilogue. Decided
@@ -450,10 +524,12 @@ void RunLinear(const LinearArgs& a) {
     gin.x_scale = static_cast<const float*>(Data(a.x_scale));
     gin.x_zero = static_cast<const int8_t*>(Data(a.x_zero));
     // the GEMV computes the row sums itself (the same sums of the same int8 x)
+    if (p.silu != nullptr) SiluScratch(p, ws);
     std::string why = GemvW8A8Unusable(p, gin);
     if (why.empty()) {
       LaunchGemvW8A8(p, gin, stream);
       SetLast("gemv_w8a8");
+      if (p.silu != nullptr) RunSiluAfter(p, stream);
       return;
     }
     if (backend == Backend::kGemv) ThrowError("ValueError", "mlc_quant: GEMV backend forced but unusable: " + why);
@@ -531,6 +607,46 @@ void Linear(int64_t scheme, int64_t backend, TensorView x, TensorView w, bool w_
   mlcq::RunLinear(a);
 }
 
+// The gate/up linear with SiLU * up + quantize fused (LinearArgs::silu_q): any backend, for tests.
+void LinearSiluQ(int64_t scheme, int64_t backend, TensorView x, TensorView w, OptT x_scale, OptT x_zero, TensorView scale,
+                 OptT w_zero, OptT corr, OptT row_sum, TensorView act_scale, OptT act_zero, TensorView q,
+                 OptT q_rowsum) {
+  using mlcq::DLView;
+  if (scheme != static_cast<int64_t>(mlcq::Scheme::kSymmetric) && scheme != static_cast<int64_t>(mlcq::Scheme::kAsymmetric))
+    TVM_FFI_THROW(ValueError) << "mlcq_linear_silu_q: scheme must be 1 (symmetric) or 2 (asymmetric), got " << scheme;
+  if ((backend < 0 || backend > 6) &&
+      (backend < static_cast<int64_t>(mlcq::Backend::kCutlassCfgBase) ||
+       backend >= static_cast<int64_t>(mlcq::Backend::kCutlassCfgBase) + mlcq::kNumCutlassConfigs))
+    TVM_FFI_THROW(ValueError) << "mlcq_linear_silu_q: bad backend " << backend;
+  DLView vx(x, "x"), vw(w, "w"), vxs(x_scale, "x_scale"), vxz(x_zero, "x_zero"), vs(scale, "scale"),
+      vwz(w_zero, "w_zero"), vc(corr, "corr"), vrs(row_sum, "row_sum"), vas(act_scale, "act_scale"),
+      vaz(act_zero, "act_zero"), vq(q, "q"), vqr(q_rowsum, "q_rowsum");
+  mlcq::LinearArgs a;
+  a.scheme = static_cast<mlcq::Scheme>(scheme);
+  a.backend = static_cast<mlcq::Backend>(backend);
+  a.x = vx.get(), a.w = vw.get(), a.x_scale = vxs.get(), a.x_zero = vxz.get(), a.scale = vs.get();
+  a.w_zero = vwz.get(), a.corr = vc.get(), a.row_sum = vrs.get();
+  a.silu_q = vq.get(), a.act_scale = vas.get(), a.act_zero = vaz.get(), a.q_rowsum = vqr.get();
+  mlcq::RunLinear(a);
+}
+
+// call_dps_packed targets of passes/fuse_silu_gemm.py (int8 x; outputs last).
+void W8A8SiluQ(TensorView x, TensorView w, TensorView scale, TensorView act_scale, TensorView act_zero, TensorView q) {
+  LinearSiluQ(1, 0, x, w, OptT(), OptT(), scale, OptT(), OptT(), OptT(), act_scale, act_zero, q, OptT());
+}
+void W8A8SiluQs(TensorView x, TensorView w, TensorView scale, TensorView act_scale, TensorView act_zero, TensorView q,
+                TensorView q_rowsum) {
+  LinearSiluQ(1, 0, x, w, OptT(), OptT(), scale, OptT(), OptT(), OptT(), act_scale, act_zero, q, q_rowsum);
+}
+void W8A8AsymSiluQ(TensorView x, TensorView w, TensorView scale, TensorView row_sum, TensorView w_zero, TensorView corr,
+                   TensorView act_scale, TensorView act_zero, TensorView q) {
+  LinearSiluQ(2, 0, x, w, OptT(), OptT(), scale, w_zero, corr, row_sum, act_scale, act_zero, q, OptT());
+}
+void W8A8AsymSiluQs(TensorView x, TensorView w, TensorView scale, TensorView row_sum, TensorView w_zero, TensorView corr,
+                    TensorView act_scale, TensorView act_zero, TensorView q, TensorView q_rowsum) {
+  LinearSiluQ(2, 0, x, w, OptT(), OptT(), scale, w_zero, corr, row_sum, act_scale, act_zero, q, q_rowsum);
+}
+
 tvm::ffi::String LastKernel() { return tvm::ffi::String(mlcq::LastKernelName()); }
 
 // Plain cuBLASLt int8 GEMM with int32 output: the baseline the fused kernels are measured against.
@@ -601,6 +717,11 @@ int64_t LtProbe(int64_t M, int64_t N, int64_t K, int64_t out_kind, bool alpha_ve
 }  // namespace
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_linear, Linear);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_linear_silu_q, LinearSiluQ);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_w8a8_silu_q, W8A8SiluQ);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_w8a8_silu_qs, W8A8SiluQs);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_w8a8_asym_silu_q, W8A8AsymSiluQ);
+TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_w8a8_asym_silu_qs, W8A8AsymSiluQs);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_lt_probe_int8, LtProbe);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_last_kernel, LastKernel);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_int8_gemm_i32, Int8GemmI32);

@@ -62,6 +62,16 @@ struct LinearArgs {
   const DLTensor* bias = nullptr;
   // Output [..., N]: float16 (all schemes), bfloat16 / float32 (kFloat, or int8 via cuBLASLt).
   const DLTensor* out = nullptr;
+  // kSymmetric / kAsymmetric gate/up linear of an MLP with SiLU * up and the down_proj's static
+  // activation quantize fused (passes/fuse_silu_gemm.py): the weight's N rows are gate and up
+  // interleaved in blocks of 8, and q int8 [..., N / 2] receives
+  // clamp(rint(fp16(silu(gate) * up) / act_scale) + act_zero, -128, 127) instead of out (leave out
+  // null); act_scale float32 scalar, act_zero int8 scalar (optional), q_rowsum int32 [..., 1]
+  // (optional) the row sums of q. Bit-identical to the fp16 output + mlcq_silu_mul_q(s).
+  const DLTensor* silu_q = nullptr;
+  const DLTensor* act_scale = nullptr;
+  const DLTensor* act_zero = nullptr;
+  const DLTensor* q_rowsum = nullptr;
 };
 
 // Runs the linear on the stream TVMFFIEnvGetStream(kDLCUDA, device) gives.

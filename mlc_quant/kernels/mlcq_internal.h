@@ -14,6 +14,16 @@
 
 namespace mlcq {
 
+// Where the SiLU * up + quantize epilogue writes (cutlass_w8a8_sm90.cu with MLCQ_EPI=1, and the
+// unfused fallback in linear.cu): the GEMM's N columns are gate and up interleaved in blocks of
+// 8, q [M, N / 2] = the int8 static quantize of fp16(silu(gate) * up), as norm_act.cu computes it.
+struct SiluQuantOut {
+  int8_t* q = nullptr;
+  const float* s = nullptr;     // device scalar: the next linear's activation scale
+  const int8_t* z = nullptr;    // device scalar zero point, or null (0)
+  int32_t* rowsum = nullptr;    // [M] sum_j q[m, j] (the asymmetric down_proj), or null
+};
+
 // One int8 x int8 GEMM with its dequantize epilogue (see cutlass_w8a8_sm90.cu for the formula).
 struct GemmProblem {
   int64_t M = 0, N = 0, K = 0;
@@ -32,6 +42,7 @@ struct GemmProblem {
   const int32_t* c = nullptr;       // [N]
   int device_id = 0;
   int sm_count = 0;
+  const SiluQuantOut* silu = nullptr;  // SiLU * up + quantize after the dequantize (out: fp16 scratch)
   bool asym() const { return rowsum != nullptr || zw != nullptr || c != nullptr; }
 };
 
@@ -41,7 +52,7 @@ enum DType : int { kF16 = 0, kBF16 = 1, kF32 = 2 };
 // several at once. Not safe to grow inside CUDA graph capture: warm up before capturing.
 class Workspace {
  public:
-  enum Slot { kQuantX = 0, kRowVec = 1, kAcc32 = 2, kCutlass = 3, kLt = 4, kTokenScale = 5, kNumSlots = 6 };
+  enum Slot { kQuantX = 0, kRowVec = 1, kAcc32 = 2, kCutlass = 3, kLt = 4, kTokenScale = 5, kSiluOut = 6, kNumSlots = 7 };
   void* get(size_t bytes, Slot slot);
   static Workspace* ForDevice(int device_id);
 
@@ -93,5 +104,15 @@ MLCQ_DECLARE_CUTLASS(1)
 MLCQ_DECLARE_CUTLASS(2)
 #undef MLCQ_DECLARE_CUTLASS
 constexpr int kNumCutlassConfigs = 3;
+// The SiLU * up + quantize epilogue (MLCQ_EPI=1): ping-pong configs 0 (M > 128) and 2 (M <= 128);
+// o.rowsum, if given, must be zeroed first (the epilogue adds to it).
+const char* cutlass_w8a8_silu_q_sm90_cfg0_asym1(const GemmProblem&, const SiluQuantOut&, Workspace*, cudaStream_t);
+const char* cutlass_w8a8_silu_q_sm90_cfg2_asym1(const GemmProblem&, const SiluQuantOut&, Workspace*, cudaStream_t);
+// The SiLU * up quantize of an fp16 gate/up tensor [M, 2I] interleaved like above (norm_act.cu):
+// the unfused fallback for shapes the CUTLASS epilogue does not take (decode GEMV, small M).
+void LaunchSiluMulQInterleaved(const void* gu, int64_t M, int64_t I, const float* s, const int8_t* z, int8_t* q,
+                               int32_t* rowsum, cudaStream_t stream);
+// Zeroes n int32 (a PDL-chained kernel: a memset node would end the chain).
+void LaunchZeroI32(int32_t* p, int64_t n, cudaStream_t stream);
 
 }  // namespace mlcq

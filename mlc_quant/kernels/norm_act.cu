@@ -37,6 +37,7 @@
 #include <tvm/ffi/extra/c_env_api.h>
 #include <tvm/ffi/function.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "mlcq_quant.h"
@@ -230,9 +231,10 @@ __device__ __forceinline__ uint4 SiluMul8(const uint4& gv, const uint4& uv) {
   return Pack(g);
 }
 
-// Element-wise (fp16 out or static int8): a grid-stride loop over 16-byte chunks.
+// Element-wise (fp16 out or static int8): a grid-stride loop over 16-byte chunks. cstep: 1, or 2
+// for gate/up interleaved in blocks of 8 (g = the row's first gate chunk, u = g + 1).
 template <int kQuant>
-__global__ void SiluMulKernel(const uint4* __restrict__ g, const uint4* __restrict__ u, int64_t stride,
+__global__ void SiluMulKernel(const uint4* __restrict__ g, const uint4* __restrict__ u, int64_t stride, int cstep,
                               uint4* __restrict__ out, int64_t rows, int chunks, QuantOut qo) {
   mlcq::PdlWaitAndRelease();
   const int64_t total = rows * chunks;
@@ -245,7 +247,7 @@ __global__ void SiluMulKernel(const uint4* __restrict__ g, const uint4* __restri
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t row = i / chunks, c = i - row * chunks;
-    const uint4 y = SiluMul8(__ldg(g + row * stride + c), __ldg(u + row * stride + c));
+    const uint4 y = SiluMul8(__ldg(g + row * stride + c * cstep), __ldg(u + row * stride + c * cstep));
     if constexpr (kQuant == kFp16Out) {
       out[i] = y;
     } else {
@@ -259,8 +261,8 @@ __global__ void SiluMulKernel(const uint4* __restrict__ g, const uint4* __restri
 constexpr int kSiluThreads = 256, kMaxSiluChunks = 8;
 
 template <int kQuant>
-__global__ void SiluMulRowKernel(const uint4* __restrict__ g, const uint4* __restrict__ u, int64_t stride, int chunks,
-                                 QuantOut qo) {
+__global__ void SiluMulRowKernel(const uint4* __restrict__ g, const uint4* __restrict__ u, int64_t stride, int cstep,
+                                 int chunks, QuantOut qo) {
   mlcq::PdlWaitAndRelease();
   __shared__ float smem_max[32];
   const int64_t row = blockIdx.x;
@@ -268,7 +270,7 @@ __global__ void SiluMulRowKernel(const uint4* __restrict__ g, const uint4* __res
 #pragma unroll
   for (int i = 0; i < kMaxSiluChunks; ++i) {
     const int c = threadIdx.x + i * blockDim.x;
-    if (c < chunks) y[i] = SiluMul8(__ldg(g + row * stride + c), __ldg(u + row * stride + c));
+    if (c < chunks) y[i] = SiluMul8(__ldg(g + row * stride + c * cstep), __ldg(u + row * stride + c * cstep));
   }
   WriteRow<kQuant, kMaxSiluChunks>(y, row, chunks, nullptr, qo, smem_max);
 }
@@ -476,9 +478,9 @@ void LaunchSiluMul(const char* fn, int quant, const TensorView& gate_up, const T
     if (rows > 0x7fffffff) TVM_FFI_THROW(ValueError) << fn << ": too many rows (" << rows << ")";
     const dim3 grid(static_cast<unsigned>(rows)), block(kSiluThreads);
     if (quant == kPerToken) {
-      mlcq::LaunchPdl(mlcq::kPdlNorm, SiluMulRowKernel<kPerToken>, grid, block, 0, stream, g, u, stride, chunks, qo);
+      mlcq::LaunchPdl(mlcq::kPdlNorm, SiluMulRowKernel<kPerToken>, grid, block, 0, stream, g, u, stride, 1, chunks, qo);
     } else {
-      mlcq::LaunchPdl(mlcq::kPdlNorm, SiluMulRowKernel<kStatic>, grid, block, 0, stream, g, u, stride, chunks, qo);
+      mlcq::LaunchPdl(mlcq::kPdlNorm, SiluMulRowKernel<kStatic>, grid, block, 0, stream, g, u, stride, 1, chunks, qo);
     }
   } else {
     // One chunk per thread up to 64 waves of the GPU (a grid-stride loop beyond): every load of
@@ -490,10 +492,10 @@ void LaunchSiluMul(const char* fn, int quant, const TensorView& gate_up, const T
     uint4* o = out ? Out(*out) : nullptr;
     if (quant == kFp16Out) {
       mlcq::LaunchPdl(mlcq::kPdlNorm, SiluMulKernel<kFp16Out>, dim3(static_cast<unsigned>(blocks)), dim3(threads), 0, stream, g, u,
-                      stride, o, rows, chunks, qo);
+                      stride, 1, o, rows, chunks, qo);
     } else {
       mlcq::LaunchPdl(mlcq::kPdlNorm, SiluMulKernel<kStatic>, dim3(static_cast<unsigned>(blocks)), dim3(threads), 0, stream, g, u,
-                      stride, o, rows, chunks, qo);
+                      stride, 1, o, rows, chunks, qo);
     }
   }
   Check(cudaGetLastError(), fn);
@@ -527,6 +529,32 @@ void SiluMul2Qt(TensorView gate, TensorView up, TensorView tok_eps, TensorView q
 
 }  // namespace
 }  // namespace mlcq_norm_act
+
+namespace mlcq {
+// linear.cu's fallback for the SiLU-epilogue GEMM (mlcq_internal.h): gu [M, 2I] fp16, gate and up
+// interleaved in blocks of 8; the same kernels and arithmetic as mlcq_silu_mul_q(s).
+void LaunchSiluMulQInterleaved(const void* gu, int64_t M, int64_t I, const float* s, const int8_t* z, int8_t* q,
+                               int32_t* rowsum, cudaStream_t stream) {
+  using namespace mlcq_norm_act;
+  const int chunks = static_cast<int>(I / kVec);
+  if (M == 0 || chunks == 0) return;
+  QuantOut qo;
+  qo.q = q, qo.s = s, qo.z = z, qo.rowsum = rowsum;
+  const uint4* g = static_cast<const uint4*>(gu);
+  const int64_t stride = 2 * static_cast<int64_t>(chunks);
+  cudaError_t err;
+  if (rowsum != nullptr) {
+    err = LaunchPdl(kPdlNorm, SiluMulRowKernel<kStatic>, dim3(static_cast<unsigned>(M)), dim3(kSiluThreads), 0, stream, g,
+                    g + 1, stride, 2, chunks, qo);
+  } else {
+    const int threads = 256;
+    const int64_t blocks = std::min<int64_t>((M * chunks + threads - 1) / threads, 65535 * 8);
+    err = LaunchPdl(kPdlNorm, SiluMulKernel<kStatic>, dim3(static_cast<unsigned>(blocks)), dim3(threads), 0, stream, g,
+                    g + 1, stride, 2, static_cast<uint4*>(nullptr), M, chunks, qo);
+  }
+  if (err != cudaSuccess) TVM_FFI_THROW(RuntimeError) << "mlc_quant: SiLU * up quantize launch failed: " << cudaGetErrorString(err);
+}
+}  // namespace mlcq
 
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_rms_norm, mlcq_norm_act::RmsNorm);
 TVM_FFI_DLL_EXPORT_TYPED_FUNC(mlcq_add_rms_norm, mlcq_norm_act::AddRmsNorm);
