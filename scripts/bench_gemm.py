@@ -26,6 +26,11 @@ the full mlc_quant installed and nvcc present, it is built on the fly.
 
     python scripts/bench_gemm.py --lib .gpu/libmlc_quant_kernels.so [--sweep] [--tiles] [--json out.json]
 
+``--silu`` times the merged gate/up GEMM of Llama-2-7B (22016 x 4096) with SiLU * up and the
+down_proj's quantize, M = 128-2048: ``silu_unfused`` (the fp16 GEMM, then norm_act.cu's
+mlcq_silu_mul_q) against ``silu_fused`` (mlcq_linear_silu_q: the same values from the GEMM's
+epilogue, passes/fuse_silu_gemm.py), and the asymmetric ``_qs`` pair (row sums written too).
+
 ``--tiles`` times every CUTLASS tile config at the shapes a merged Llama-2-7B layer runs
 (q/k/v 12288 x 4096, o 4096 x 4096, gate/up 22016 x 4096, down 4096 x 11008) for M = 128-2048:
 the data behind linear.cu's per-shape config choice.
@@ -39,7 +44,7 @@ import sys
 
 LLAMA_SHAPES = [(2048, 4096, 4096), (2048, 11008, 4096), (2048, 4096, 11008)]
 SWEEP_M = [1, 16, 64, 128, 256, 512, 1024, 2048, 4096]
-SYM, TOKEN, FLOAT = 1, 3, 0
+SYM, ASYM, TOKEN, FLOAT = 1, 2, 3, 0
 AUTO, CUTLASS0, CUTLASS1, CUBLASLT, CUTLASS_CFG = 0, 2, 3, 4, 16
 N_CUTLASS_CONFIGS = 3  # add configs to cutlass_w8a8_sm90.cu and raise this to compare them
 MERGED_LAYER_NK = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]
@@ -116,8 +121,28 @@ def bench_shape(torch, tvm_ffi, lib, M, N, K, variants, rotate=3):
     lin, i8 = lib["mlcq_linear"], lib["mlcq_int8_gemm_i32"]
     none8 = (None,) * 8
     eps = torch.tensor(1e-8, device=dev, dtype=torch.float32)
+    if any(v.startswith("silu") for v in variants):
+        act_s, act_z = torch.tensor(0.02, device=dev), torch.tensor(-3, device=dev, dtype=torch.int8)
+        q = torch.empty(M, N // 2, device=dev, dtype=torch.int8)
+        rs_x = torch.randint(-1000, 1000, (M, 1), device=dev, generator=gen, dtype=torch.int32)
+        rs_q = torch.empty(M, 1, device=dev, dtype=torch.int32)
+        zw = torch.randint(-8, 8, (N,), device=dev, generator=gen, dtype=torch.int32)
+        corr = torch.randint(-999, 999, (N,), device=dev, generator=gen, dtype=torch.int32)
+        silu_q, silu_qs, lsq = lib["mlcq_silu_mul_q"], lib["mlcq_silu_mul_qs"], lib["mlcq_linear_silu_q"]
 
     def mk(name, st):
+        if name == "silu_unfused":
+            return lambda: (lin(SYM, AUTO, st["xq"], st["wq"], False, *(None,) * 4, s_col, None, None, None, None,
+                                out_h), silu_q(out_h, act_s, act_z, q))
+        if name == "silu_fused":
+            return lambda: lsq(SYM, AUTO, st["xq"], st["wq"], None, None, s_col, None, None, None, act_s, act_z, q,
+                               None)
+        if name == "silu_unfused_qs":
+            return lambda: (lin(ASYM, AUTO, st["xq"], st["wq"], False, *(None,) * 4, s_col, zw, corr, rs_x, None,
+                                out_h), silu_qs(out_h, act_s, act_z, q, rs_q))
+        if name == "silu_fused_qs":
+            return lambda: lsq(ASYM, AUTO, st["xq"], st["wq"], None, None, s_col, zw, corr, rs_x, act_s, act_z, q,
+                               rs_q)
         if name == "lt_i8":
             return lambda: i8(st["xq"], st["wq"], out_i)
         if name == "fp16":
@@ -149,6 +174,8 @@ def bench_shape(torch, tvm_ffi, lib, M, N, K, variants, rotate=3):
         except Exception as err:  # pylint: disable=broad-except
             res[name] = None
             res[f"{name}_error"] = str(err).splitlines()[0][:200]
+        if name.startswith("silu"):
+            res[f"{name}_kernel"] = str(lib["mlcq_last_kernel"]())
     res.update(time_interleaved(torch, runners))
     return res
 
@@ -160,6 +187,8 @@ def main(argv=None):
     p.add_argument("--tiles", action="store_true",
                    help="time every CUTLASS tile config at the merged Llama-2-7B layer shapes")
     p.add_argument("--tiles-only", action="store_true", help="--tiles, and skip the default shapes")
+    p.add_argument("--silu", action="store_true",
+                   help="only the gate/up GEMM with SiLU * up + quantize, fused and unfused")
     p.add_argument("--json", help="write all numbers here")
     args = p.parse_args(argv)
 
@@ -178,6 +207,9 @@ def main(argv=None):
     main_variants = ["lt_i8", "fused", "fused_cfg0", "fused_cfg1", "lt_i8+epi", "fused_token",
                      "linear_q", "linear_token", "fp16", "torch_fp16"]
     results = {"card": card, "cublaslt_probes": probes, "shapes": []}
+    if args.silu:
+        results["silu"] = bench_silu(torch, tvm_ffi, lib)
+        return finish(results, args.json)
     if args.tiles or args.tiles_only:
         results["tiles"] = bench_tiles(torch, tvm_ffi, lib)
     if args.tiles_only:
@@ -243,6 +275,22 @@ def bench_tiles(torch, tvm_ffi, lib):
               f"fp16/auto {layer['fp16'] / layer['fused']:.2f}x, fp16/best {layer['fp16'] / layer['best']:.2f}x",
               flush=True)
     return {"shapes": rows, "layer_sums": per_m}
+
+
+def bench_silu(torch, tvm_ffi, lib):
+    """The gate/up GEMM + SiLU * up + quantize, unfused and fused, at Llama-2-7B's shape."""
+    variants = ["silu_unfused", "silu_fused", "silu_unfused_qs", "silu_fused_qs", "fp16"]
+    print(f"\ngate/up + SiLU * up + quantize (us): {'M':>5} | " + " | ".join(f"{v:>15}" for v in variants), flush=True)
+    rows = []
+    for M in TILES_M:
+        r = bench_shape(torch, tvm_ffi, lib, M, 22016, 4096, variants)
+        r.update(M=M, N=22016, K=4096)
+        rows.append(r)
+        cells = [f"{r[v] * 1e6:15.1f}" if r.get(v) else f"{'n/a':>15}" for v in variants]
+        print(f"                                     {M:>5} | " + " | ".join(cells)
+              + f"  unfused/fused {r['silu_unfused'] / r['silu_fused']:.3f}x, "
+              f"_qs {r['silu_unfused_qs'] / r['silu_fused_qs']:.3f}x [{r.get('silu_fused_kernel')}]", flush=True)
+    return rows
 
 
 def finish(results, json_path):

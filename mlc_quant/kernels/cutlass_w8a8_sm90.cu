@@ -240,71 +240,119 @@ class SiluQuantEpilogue {
     static_assert(is_static<FrgLayout>::value, "accumulator layout must be static");
     static_assert(rank<0>(FrgLayout{}) == 3 && size<0, 0>(FrgLayout{}) == 2 && size<0, 1>(FrgLayout{}) == 2,
                   "expected the SM90 GMMA accumulator fragment ((2, 2, N / 8), MMA_M, MMA_N)");
-    constexpr int kChunks = size<0, 2>(FrgLayout{});
-    static_assert(kChunks % 2 == 0, "an MMA atom must hold whole 16-column gate/up blocks");
-    constexpr int kMmaM = size<1>(FrgLayout{}), kMmaN = size<2>(FrgLayout{});
+    static_assert(size<0, 2>(FrgLayout{}) % 2 == 0, "an MMA atom must hold whole 16-column gate/up blocks");
     const int M = static_cast<int>(get<0>(problem_shape_mnkl));
     const int N = static_cast<int>(get<1>(problem_shape_mnkl));
     const int m0 = static_cast<int>(get<0>(blk_coord_mnkl)) * size<0>(blk_shape_MNK);
     const int n0 = static_cast<int>(get<1>(blk_coord_mnkl)) * size<1>(blk_shape_MNK);
     // (m, n) inside the tile of every accumulator element of this thread
     Tensor tC = tiled_mma.get_thread_slice(thread_idx).partition_C(make_identity_tensor(take<0, 2>(blk_shape_MNK)));
+    // one specialization per operand kind: no per-element selects
+    if (params_.zw != nullptr) {
+      params_.scale_col_is_vector ? Tile<true, true>(acc, tC, M, N, m0, n0, thread_idx)
+                                  : Tile<true, false>(acc, tC, M, N, m0, n0, thread_idx);
+    } else {
+      params_.scale_col_is_vector ? Tile<false, true>(acc, tC, M, N, m0, n0, thread_idx)
+                                  : Tile<false, false>(acc, tC, M, N, m0, n0, thread_idx);
+    }
+  }
+
+ private:
+  // All of a tile's values are computed before any store (the stores could alias the operands,
+  // which would pin every load and every chain behind them: the epilogue warps, one per
+  // scheduler, then run at ~10 cycles an instruction and outlast the other consumer's mainloop).
+  template <bool kAsym, bool kVecScale, class Acc, class Coords>
+  CUTLASS_DEVICE void Tile(Acc const& acc, Coords const& tC, int M, int N, int m0, int n0, int thread_idx) const {
+    constexpr int kChunks = size<0, 2>(typename Acc::layout_type{});
+    constexpr int kMmaM = size<1>(typename Acc::layout_type{}), kMmaN = size<2>(typename Acc::layout_type{});
+    constexpr int kPairs = kMmaN * kChunks / 2;  // gate/up chunk pairs per row
     const Params& p = params_;
-    const float s = p.act_scale[0];
+    const float s = __ldg(p.act_scale);
     const float r = 1.f / s;  // as norm_act.cu's SiLU kernels: IEEE division, then div_rn
-    const float z = p.act_zero != nullptr ? static_cast<float>(p.act_zero[0]) : 0.f;
-    const float sc_scalar = p.scale_col == nullptr ? p.scale_col_value : p.scale_col_is_vector ? 0.f : p.scale_col[0];
+    const float z = p.act_zero != nullptr ? static_cast<float>(__ldg(p.act_zero)) : 0.f;
+    const float sc_scalar = p.scale_col == nullptr ? p.scale_col_value : kVecScale ? 0.f : __ldg(p.scale_col);
+    // the rows of this thread: 2 per MMA atom row (the fragment's rows 8 apart)
+    int m[kMmaM][2];
+    float sr[kMmaM][2];
+    int32_t rs[kMmaM][2];
+    CUTLASS_PRAGMA_UNROLL
+    for (int mi = 0; mi < kMmaM; ++mi) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int v1 = 0; v1 < 2; ++v1) {
+        m[mi][v1] = m0 + static_cast<int>(get<0>(tC(make_coord(0, v1, 0), mi, 0)));
+        const bool ok = m[mi][v1] < M;
+        sr[mi][v1] = p.scale_row != nullptr && ok ? __ldg(p.scale_row + m[mi][v1]) : 1.f;
+        rs[mi][v1] = kAsym && ok ? __ldg(p.rowsum + m[mi][v1]) : 0;
+      }
+    }
+    uint16_t out[kMmaM][2][kPairs];  // 2 int8 per (row, chunk pair)
+    int col[kPairs];
+    CUTLASS_PRAGMA_UNROLL
+    for (int ni = 0; ni < kMmaN; ++ni) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int k = 0; k < kChunks; k += 2) {
+        const int j = ni * (kChunks / 2) + k / 2;
+        const int n = n0 + static_cast<int>(get<1>(tC(make_coord(0, 0, k), 0, ni)));  // gate column (even)
+        col[j] = n < N ? (n >> 4) * 8 + (n & 7) : -1;  // N % 16 == 0: up column n + 8 is in range too
+        const int nc = n < N ? n : 0;                  // (a safe address for the loads of a dead column)
+        // gate columns nc, nc + 1 and up columns nc + 8, nc + 9
+        float scg[2], scu[2];
+        int32_t zg[2] = {0, 0}, zu[2] = {0, 0}, cg[2] = {0, 0}, cu[2] = {0, 0};
+        CUTLASS_PRAGMA_UNROLL
+        for (int v0 = 0; v0 < 2; ++v0) {
+          scg[v0] = kVecScale ? __ldg(p.scale_col + nc + v0) : sc_scalar;
+          scu[v0] = kVecScale ? __ldg(p.scale_col + nc + 8 + v0) : sc_scalar;
+          if constexpr (kAsym) {
+            zg[v0] = __ldg(p.zw + nc + v0), zu[v0] = __ldg(p.zw + nc + 8 + v0);
+            cg[v0] = __ldg(p.c + nc + v0), cu[v0] = __ldg(p.c + nc + 8 + v0);
+          }
+        }
+        CUTLASS_PRAGMA_UNROLL
+        for (int mi = 0; mi < kMmaM; ++mi) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int v1 = 0; v1 < 2; ++v1) {
+            int q2[2];
+            CUTLASS_PRAGMA_UNROLL
+            for (int v0 = 0; v0 < 2; ++v0) {
+              int32_t ag = acc(make_coord(v0, v1, k), mi, ni), au = acc(make_coord(v0, v1, k + 1), mi, ni);
+              if constexpr (kAsym) {  // exact int32, wrapping like the Relax reference
+                ag = ag - rs[mi][v1] * zg[v0] - cg[v0];
+                au = au - rs[mi][v1] * zu[v0] - cu[v0];
+              }
+              // the fp16 GEMM output, then norm_act.cu's SiluMul8 and its fp16 rounding
+              const float g = __half2float(__float2half_rn(affine_sat(static_cast<float>(ag), sr[mi][v1], scg[v0], 0.f)));
+              const float u = __half2float(__float2half_rn(affine_sat(static_cast<float>(au), sr[mi][v1], scu[v0], 0.f)));
+              const float h = __half2float(__float2half_rn(g * __frcp_rn(1.f + __expf(-g)) * u));
+              q2[v0] = mlcq::quantize_one(h, s, r, z, -128.f);
+            }
+            out[mi][v1][j] = static_cast<uint16_t>(static_cast<uint8_t>(q2[0]) | (static_cast<uint8_t>(q2[1]) << 8));
+          }
+        }
+      }
+    }
     const int64_t ldq = N / 2;
     CUTLASS_PRAGMA_UNROLL
     for (int mi = 0; mi < kMmaM; ++mi) {
       CUTLASS_PRAGMA_UNROLL
       for (int v1 = 0; v1 < 2; ++v1) {
-        const int m = m0 + static_cast<int>(get<0>(tC(make_coord(0, v1, 0), mi, 0)));
-        const bool row_ok = m < M;
-        const float sr = p.scale_row != nullptr && row_ok ? p.scale_row[m] : 1.f;
-        const int32_t rs = p.rowsum != nullptr && row_ok ? p.rowsum[m] : 0;
         int sum = 0;
         CUTLASS_PRAGMA_UNROLL
-        for (int ni = 0; ni < kMmaN; ++ni) {
-          CUTLASS_PRAGMA_UNROLL
-          for (int k = 0; k < kChunks; k += 2) {
-            const int n = n0 + static_cast<int>(get<1>(tC(make_coord(0, v1, k), mi, ni)));  // gate column
-            if (!row_ok || n >= N) continue;
-            int q2[2];
-            CUTLASS_PRAGMA_UNROLL
-            for (int v0 = 0; v0 < 2; ++v0) {
-              const int ng = n + v0, nu = ng + 8;
-              int32_t ag = acc(make_coord(v0, v1, k), mi, ni), au = acc(make_coord(v0, v1, k + 1), mi, ni);
-              if (p.zw != nullptr) {  // exact int32, wrapping like the Relax reference
-                ag = ag - rs * p.zw[ng] - p.c[ng];
-                au = au - rs * p.zw[nu] - p.c[nu];
-              }
-              const float scg = p.scale_col_is_vector ? p.scale_col[ng] : sc_scalar;
-              const float scu = p.scale_col_is_vector ? p.scale_col[nu] : sc_scalar;
-              // the fp16 GEMM output, then norm_act.cu's SiluMul8 and its fp16 rounding
-              const float g = __half2float(__float2half_rn(affine_sat(static_cast<float>(ag), sr, scg, 0.f)));
-              const float u = __half2float(__float2half_rn(affine_sat(static_cast<float>(au), sr, scu, 0.f)));
-              const float h = __half2float(__float2half_rn(g * __frcp_rn(1.f + __expf(-g)) * u));
-              q2[v0] = mlcq::quantize_one(h, s, r, z, -128.f);
-              sum += q2[v0];
-            }
-            const int col = (n >> 4) * 8 + (n & 7);
-            const uint16_t packed = static_cast<uint16_t>(static_cast<uint8_t>(q2[0]) |
-                                                          (static_cast<uint8_t>(q2[1]) << 8));
-            *reinterpret_cast<uint16_t*>(p.q + m * ldq + col) = packed;
-          }
+        for (int j = 0; j < kPairs; ++j) {
+          const bool ok = m[mi][v1] < M && col[j] >= 0;
+          if (ok) *reinterpret_cast<uint16_t*>(p.q + m[mi][v1] * ldq + col[j]) = out[mi][v1][j];
+          const uint16_t o = ok ? out[mi][v1][j] : 0;
+          sum += static_cast<int8_t>(o & 0xff) + static_cast<int8_t>(o >> 8);
         }
         if (p.q_rowsum != nullptr) {
-          // the 4 threads of a quad hold the same two rows: sum there, one atomic per quad
+          // the 4 threads of a quad hold the same rows: sum there, one atomic per quad and row
           sum += __shfl_xor_sync(0xffffffffu, sum, 1);
           sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-          if (row_ok && (thread_idx & 3) == 0) atomicAdd(p.q_rowsum + m, sum);
+          if (m[mi][v1] < M && (thread_idx & 3) == 0) atomicAdd(p.q_rowsum + m[mi][v1], sum);
         }
       }
     }
   }
 
- private:
   Params params_;
 };
 using CollectiveEpilogue = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<SiluQuantEpilogue>;

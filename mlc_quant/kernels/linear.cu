@@ -272,13 +272,23 @@ bool TryCublasLt(const GemmProblem& p, Workspace* ws, cudaStream_t stream) {
   return true;
 }
 
+// MLC_QUANT_SILU_EPILOGUE=off runs the fused op unfused (fp16 GEMM + the SiLU * up quantize
+// kernel, the same values): for before/after measurements of one build.
+bool SiluEpilogueEnabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("MLC_QUANT_SILU_EPILOGUE");
+    return v == nullptr || !(!std::strcmp(v, "0") || !std::strcmp(v, "off") || !std::strcmp(v, "false"));
+  }();
+  return on;
+}
+
 // The SiLU * up + quantize epilogue (ping-pong configs 0 and 2 only): true when it ran. Taken
 // where the auto policy would run CUTLASS (M > kSmallM) or CUTLASS is forced.
 bool TrySiluCutlass(const GemmProblem& p, Backend backend, const DeviceInfo& info, Workspace* ws,
                     cudaStream_t stream) {
   int cfg = ForcedCutlassConfig(backend);
   const bool forced = backend == Backend::kCutlass || cfg >= 0;
-  if (!forced && (backend != Backend::kAuto || p.M <= kSmallM)) return false;
+  if (!forced && (backend != Backend::kAuto || p.M <= kSmallM || !SiluEpilogueEnabled())) return false;
   if (cfg < 0) cfg = p.M <= 128 ? 2 : 0;
   std::string why = CutlassUnusable(p, info);
   if (why.empty() && cfg == 1) why = "the SiLU epilogue has no stream-K config";

@@ -12,9 +12,12 @@ namespace mlcq {
 // is within an ulp and one Newton step on the exact residual (fma) rounds it correctly for
 // operands in the normal range (Markstein). The full div.rn.f32 routine made the quantize kernel
 // compute-bound (~40 % of the GEMM time at K = 11008 on H200).
+// An infinite x (an fp16 SiLU * up that overflowed) gives y = inf and a NaN residual: return y,
+// so it quantizes to the clamp of its sign as Relax's round(x / s) does (not to -128 via NaN).
 __device__ __forceinline__ float div_rn(float x, float s, float r) {
   const float y = x * r;
-  return fmaf(fmaf(-y, s, x), r, y);
+  const float d = fmaf(fmaf(-y, s, x), r, y);
+  return isinf(y) ? y : d;
 }
 
 // Relax quantize: clip(round(x / s) + z, lo, 127). Relax's round lowers to nearbyint (ties to

@@ -33,18 +33,21 @@ def _deinterleave(a):
     return np.concatenate([b[..., 0, :].reshape(*lead, n // 2), b[..., 1, :].reshape(*lead, n // 2)], -1)
 
 
-def _problem(scheme, M, I, K, seed):
+def _problem(scheme, M, I, K, seed, gain=1.0):
+    """gate / up of about unit size (gain 1): SiLU * up spans the int8 range at act_s ~ 0.03;
+    gain 1000 saturates them (fp16 overflow of SiLU * up: +-inf must quantize to 127 / -128)."""
     rng = np.random.default_rng(seed)
     N = 2 * I
     xq = rng.integers(-128, 128, (M, K)).astype(np.int8)
     wq = rng.integers(-127, 128, (N, K)).astype(np.int8)
-    s = (rng.uniform(0.5, 1.5, N if scheme != "sym0" else ()) * 3 / (127 * np.sqrt(K))).astype(np.float32)
+    acc_std = np.sqrt(K) * 74.0 * 73.0  # uniform int8 x and w
+    s = (rng.uniform(0.5, 1.5, N if scheme != "sym0" else ()) * gain / acc_std).astype(np.float32)
     p = dict(xq=xq, wq=wq, scale=np.asarray(s, np.float32), zw=None, corr=None, rs=None)
     if scheme == "asym":
         p["zw"] = rng.integers(-10, 10, N).astype(np.int32)
         p["corr"] = rng.integers(-5000, 5000, N).astype(np.int32)
         p["rs"] = xq.astype(np.int32).sum(-1, keepdims=True)
-    p["act_s"] = np.array(rng.uniform(0.01, 0.05), np.float32)
+    p["act_s"] = np.array(rng.uniform(0.01, 0.03), np.float32)
     p["act_z"] = np.array(rng.integers(-10, 10) if scheme == "asym" else 0, np.int8)
     return p
 
@@ -90,12 +93,13 @@ def _numpy_ref(gu_host, p):
     """float64 SiLU * up of the fp16 GEMM output, quantized (ties aside, the kernels' values)."""
     g = _deinterleave(gu_host).astype(np.float64)
     gate, up = g[:, : g.shape[1] // 2], g[:, g.shape[1] // 2:]
-    h = gate / (1 + np.exp(-gate)) * up
+    with np.errstate(over="ignore"):
+        h = gate / (1 + np.exp(-gate)) * up
     return np.clip(np.rint(h / np.float64(p["act_s"])) + int(p["act_z"]), -128, 127)
 
 
-def _check(klib, scheme, M, I, K, backend, unfused_backend, rowsum, seed):
-    p = _problem(scheme, M, I, K, seed)
+def _check(klib, scheme, M, I, K, backend, unfused_backend, rowsum, seed, gain=1.0):
+    p = _problem(scheme, M, I, K, seed, gain)
     q, rs, kernel = _fused(klib, scheme, p, backend, rowsum, runs=2)
     q_ref, rs_ref, gu = _unfused(klib, scheme, p, unfused_backend, rowsum)
     what = f"{scheme} M={M} I={I} K={K} backend={backend} rowsum={rowsum} ({kernel})"
@@ -106,6 +110,8 @@ def _check(klib, scheme, M, I, K, backend, unfused_backend, rowsum, seed):
     ref = _numpy_ref(gu, p)
     assert np.abs(q.astype(np.float64) - ref).max() <= 1, what
     assert (q != ref).mean() < 0.01, what
+    if gain == 1.0:  # the data spans the int8 range without piling up at its ends
+        assert 0.25 < (np.abs(q.astype(np.int64) - int(p["act_z"])) > 8).mean() and (np.abs(q) == 127).mean() < 0.2, what
     return kernel
 
 
@@ -136,6 +142,16 @@ def test_gpu_silu_gemm_every_backend(klib, backend, M, scheme):
     kernel = _check(klib, scheme, M, 176, 128, backend, unfused, True, seed=hash((backend, M, scheme)) % 2**31)
     fused = backend in (CUTLASS_CFG + 0, CUTLASS_CFG + 2, CUTLASS)
     assert kernel.startswith("cutlass_silu_q:") == fused, kernel
+
+
+@needs_gpu
+@pytest.mark.parametrize("M", [5, 300])
+def test_gpu_silu_gemm_saturated(klib, M):
+    """fp16 gate / up at +-65504 and SiLU * up overflowing to +-inf: the clamp of its sign."""
+    p = _problem("sym1", M, 176, 128, seed=M, gain=1e4)
+    q, _, _ = _fused(klib, "sym1", p, AUTO, False)
+    assert (np.abs(q) >= 127).mean() > 0.3
+    _check(klib, "sym1", M, 176, 128, AUTO, AUTO if M <= 64 else _cfg_for(M), True, seed=M, gain=1e4)
 
 
 @needs_gpu
