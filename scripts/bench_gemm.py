@@ -29,7 +29,8 @@ the full mlc_quant installed and nvcc present, it is built on the fly.
 ``--silu`` times the merged gate/up GEMM of Llama-2-7B (22016 x 4096) with SiLU * up and the
 down_proj's quantize, M = 128-2048: ``silu_unfused`` (the fp16 GEMM, then norm_act.cu's
 mlcq_silu_mul_q) against ``silu_fused`` (mlcq_linear_silu_q: the same values from the GEMM's
-epilogue, passes/fuse_silu_gemm.py), and the asymmetric ``_qs`` pair (row sums written too).
+epilogue, passes/fuse_silu_gemm.py), the asymmetric ``_qs`` pair (row sums written too), and
+``silu_fused_cfg0`` / ``_cfg2`` with the tile config forced.
 
 ``--tiles`` times every CUTLASS tile config at the shapes a merged Llama-2-7B layer runs
 (q/k/v 12288 x 4096, o 4096 x 4096, gate/up 22016 x 4096, down 4096 x 11008) for M = 128-2048:
@@ -134,9 +135,10 @@ def bench_shape(torch, tvm_ffi, lib, M, N, K, variants, rotate=3):
         if name == "silu_unfused":
             return lambda: (lin(SYM, AUTO, st["xq"], st["wq"], False, *(None,) * 4, s_col, None, None, None, None,
                                 out_h), silu_q(out_h, act_s, act_z, q))
-        if name == "silu_fused":
-            return lambda: lsq(SYM, AUTO, st["xq"], st["wq"], None, None, s_col, None, None, None, act_s, act_z, q,
-                               None)
+        if name.startswith("silu_fused") and not name.startswith("silu_fused_qs"):
+            backend = AUTO if name == "silu_fused" else CUTLASS_CFG + int(name[len("silu_fused_cfg"):])
+            return lambda: lsq(SYM, backend, st["xq"], st["wq"], None, None, s_col, None, None, None, act_s, act_z,
+                               q, None)
         if name == "silu_unfused_qs":
             return lambda: (lin(ASYM, AUTO, st["xq"], st["wq"], False, *(None,) * 4, s_col, zw, corr, rs_x, None,
                                 out_h), silu_qs(out_h, act_s, act_z, q, rs_q))
@@ -279,7 +281,8 @@ def bench_tiles(torch, tvm_ffi, lib):
 
 def bench_silu(torch, tvm_ffi, lib):
     """The gate/up GEMM + SiLU * up + quantize, unfused and fused, at Llama-2-7B's shape."""
-    variants = ["silu_unfused", "silu_fused", "silu_unfused_qs", "silu_fused_qs", "fp16"]
+    variants = ["silu_unfused", "silu_fused", "silu_unfused_qs", "silu_fused_qs", "silu_fused_cfg0", "silu_fused_cfg2",
+                "fp16"]
     print(f"\ngate/up + SiLU * up + quantize (us): {'M':>5} | " + " | ".join(f"{v:>15}" for v in variants), flush=True)
     rows = []
     for M in TILES_M:

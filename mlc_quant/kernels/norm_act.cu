@@ -224,10 +224,9 @@ __device__ __forceinline__ uint4 SiluMul8(const uint4& gv, const uint4& uv) {
   Unpack(gv, g);
   Unpack(uv, u);
 #pragma unroll
-  // silu(g) = g / (1 + e^-g): the correctly rounded reciprocal instead of an IEEE division
-  // (a subroutine: it made the W8A8 variant instruction-bound); a very negative g gives
-  // 1 + e^-g = inf, rcp 0 and silu -0, as the division would.
-  for (int j = 0; j < kVec; ++j) g[j] = g[j] * __frcp_rn(1.f + __expf(-g[j])) * u[j];
+  // mlcq_quant.h's formula, shared with the GEMM's SiLU epilogue (not an IEEE division: that is
+  // a subroutine, and it made the W8A8 variant instruction-bound)
+  for (int j = 0; j < kVec; ++j) g[j] = mlcq::silu_mul(g[j], u[j]);
   return Pack(g);
 }
 

@@ -5,7 +5,8 @@ MLCQ_EPI=1) against the unfused kernels it replaces, on fresh random data: the f
 (``mlcq_linear`` on the same interleaved weight, same tile config) de-interleaved, then
 ``mlcq_silu_mul_q`` / ``_qs``. The int8 output and the row sums must be equal bit for bit, for
 the symmetric (per-tensor and per-channel scale) and asymmetric schemes, M from 1 (GEMV
-fallback) to 1000, N with a partial last tile, every backend. A float64 numpy reference bounds
+fallback) to 1000 (the auto policy fuses from M = 65 on), N with a partial last tile, every
+backend. A float64 numpy reference bounds
 both (|q - ref| <= 1: the fp16 roundings on the way). Skipped without a CUDA device; needs only
 TVM's runtime (MLC_QUANT_KERNEL_LIB as for test_cuda_kernels.py).
 The Relax side (interleave + rewrite): test_fuse_silu_gemm.py.
@@ -46,7 +47,7 @@ def _problem(scheme, M, I, K, seed, gain=1.0):
     if scheme == "asym":
         p["zw"] = rng.integers(-10, 10, N).astype(np.int32)
         p["corr"] = rng.integers(-5000, 5000, N).astype(np.int32)
-        p["rs"] = xq.astype(np.int32).sum(-1, keepdims=True)
+        p["rs"] = xq.astype(np.int32).sum(-1, keepdims=True, dtype=np.int32)
     p["act_s"] = np.array(rng.uniform(0.01, 0.03), np.float32)
     p["act_z"] = np.array(rng.integers(-10, 10) if scheme == "asym" else 0, np.int8)
     return p
@@ -90,11 +91,12 @@ def _unfused(klib, scheme, p, backend, rowsum):
 
 
 def _numpy_ref(gu_host, p):
-    """float64 SiLU * up of the fp16 GEMM output, quantized (ties aside, the kernels' values)."""
+    """float64 SiLU * up of the fp16 GEMM output, rounded to fp16 as the kernels' contract says,
+    then quantized (the kernels' values, but for fp16 roundings flipped by their fp32 math)."""
     g = _deinterleave(gu_host).astype(np.float64)
     gate, up = g[:, : g.shape[1] // 2], g[:, g.shape[1] // 2:]
     with np.errstate(over="ignore"):
-        h = gate / (1 + np.exp(-gate)) * up
+        h = (gate / (1 + np.exp(-gate)) * up).astype(np.float16).astype(np.float64)
     return np.clip(np.rint(h / np.float64(p["act_s"])) + int(p["act_z"]), -128, 127)
 
 
@@ -111,7 +113,8 @@ def _check(klib, scheme, M, I, K, backend, unfused_backend, rowsum, seed, gain=1
     assert np.abs(q.astype(np.float64) - ref).max() <= 1, what
     assert (q != ref).mean() < 0.01, what
     if gain == 1.0:  # the data spans the int8 range without piling up at its ends
-        assert 0.25 < (np.abs(q.astype(np.int64) - int(p["act_z"])) > 8).mean() and (np.abs(q) == 127).mean() < 0.2, what
+        q16 = q.astype(np.int16)
+        assert 0.05 < (np.abs(q16 - int(p["act_z"])) > 8).mean() and (np.abs(q16) >= 127).mean() < 0.2, what
     return kernel
 
 
@@ -128,7 +131,7 @@ def test_gpu_silu_gemm_equals_unfused(klib, M, scheme, rowsum):
     unfused = AUTO if M <= 64 else _cfg_for(M)
     kernel = _check(klib, scheme, M, 360, 256, AUTO, unfused, rowsum, seed=hash((M, scheme, rowsum)) % 2**31)
     if M > 64:  # the auto policy takes the fused CUTLASS epilogue above the cuBLASLt / GEMV sizes
-        assert kernel.startswith("cutlass_silu_q:"), kernel
+        assert kernel.startswith("cutlass_silu_q:" + ("64x128" if M <= 128 else "128x128")), kernel
     else:
         assert kernel.endswith("+silu_mul_q"), kernel
 
@@ -150,7 +153,7 @@ def test_gpu_silu_gemm_saturated(klib, M):
     """fp16 gate / up at +-65504 and SiLU * up overflowing to +-inf: the clamp of its sign."""
     p = _problem("sym1", M, 176, 128, seed=M, gain=1e4)
     q, _, _ = _fused(klib, "sym1", p, AUTO, False)
-    assert (np.abs(q) >= 127).mean() > 0.3
+    assert (np.abs(q.astype(np.int16)) >= 127).mean() > 0.3
     _check(klib, "sym1", M, 176, 128, AUTO, AUTO if M <= 64 else _cfg_for(M), True, seed=M, gain=1e4)
 
 
