@@ -284,14 +284,19 @@ bool SiluEpilogueEnabled() {
 
 // The SiLU * up + quantize epilogue (ping-pong configs 0 and 2 only): true when it ran. Taken
 // where the auto policy would run CUTLASS (M > kSmallM) or CUTLASS is forced: config 2 up to
-// M = 128, config 0 above. H100, Llama-2-7B gate/up, against the GEMM + the SiLU kernel
-// (docs/performance.md, session 8): 42.5 / 46.3 us at M = 128, 86.5 / 93.4 at 512, 285.6 / 305.0
-// at 2048.
+// M = 128, config 0 above. H100, Llama-2-7B gate/up, fused against the GEMM + the SiLU kernel
+// (docs/performance.md, session 8): symmetric 42.9 / 46.3 us at M = 128, 85.2 / 93.7 at 512,
+// 269.1 / 301.8 at 2048; asymmetric 42.5 / 51.2 at M = 128 but 100.9 / 95.5 at 512 and
+// 313.7 / 307.6 at 2048 (its zero points, corrections and row-sum atomics tip the epilogue over
+// the other consumer's mainloop), so asymmetric weights are fused up to M = 128 only.
+constexpr int64_t kSiluAsymMaxM = 128;
 bool TrySiluCutlass(const GemmProblem& p, Backend backend, const DeviceInfo& info, Workspace* ws,
                     cudaStream_t stream) {
   int cfg = ForcedCutlassConfig(backend);
   const bool forced = backend == Backend::kCutlass || cfg >= 0;
-  if (!forced && (backend != Backend::kAuto || p.M <= kSmallM || !SiluEpilogueEnabled())) return false;
+  if (!forced && (backend != Backend::kAuto || p.M <= kSmallM || (p.asym() && p.M > kSiluAsymMaxM) ||
+                  !SiluEpilogueEnabled()))
+    return false;
   if (cfg < 0) cfg = p.M <= 128 ? 2 : 0;
   std::string why = CutlassUnusable(p, info);
   if (why.empty() && cfg == 1) why = "the SiLU epilogue has no stream-K config";

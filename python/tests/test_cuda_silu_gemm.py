@@ -5,8 +5,8 @@ MLCQ_EPI=1) against the unfused kernels it replaces, on fresh random data: the f
 (``mlcq_linear`` on the same interleaved weight, same tile config) de-interleaved, then
 ``mlcq_silu_mul_q`` / ``_qs``. The int8 output and the row sums must be equal bit for bit, for
 the symmetric (per-tensor and per-channel scale) and asymmetric schemes, M from 1 (GEMV
-fallback) to 1000 (the auto policy fuses from M = 65 on), N with a partial last tile, every
-backend. A float64 numpy reference bounds
+fallback) to 1000 (the auto policy fuses from M = 65 on, asymmetric weights up to M = 128), N
+with a partial last tile, every backend. A float64 numpy reference bounds
 both (|q - ref| <= 1: the fp16 roundings on the way). Skipped without a CUDA device; needs only
 TVM's runtime (MLC_QUANT_KERNEL_LIB as for test_cuda_kernels.py).
 The Relax side (interleave + rewrite): test_fuse_silu_gemm.py.
@@ -128,9 +128,11 @@ def _cfg_for(M):
 @pytest.mark.parametrize("rowsum", [False, True])
 def test_gpu_silu_gemm_equals_unfused(klib, M, scheme, rowsum):
     # I = 360: N = 720 is 5 whole 128-column tiles and a partial one; K = 256
-    unfused = AUTO if M <= 64 else _cfg_for(M)
+    # the auto policy (linear.cu) fuses above the cuBLASLt / GEMV sizes, asymmetric weights up to M = 128
+    fused = M > 64 and (scheme != "asym" or M <= 128)
+    unfused = _cfg_for(M) if fused else AUTO
     kernel = _check(klib, scheme, M, 360, 256, AUTO, unfused, rowsum, seed=hash((M, scheme, rowsum)) % 2**31)
-    if M > 64:  # the auto policy takes the fused CUTLASS epilogue above the cuBLASLt / GEMV sizes
+    if fused:
         assert kernel.startswith("cutlass_silu_q:" + ("64x128" if M <= 128 else "128x128")), kernel
     else:
         assert kernel.endswith("+silu_mul_q"), kernel
