@@ -148,6 +148,29 @@ def module_linears(mod) -> Dict[str, List[LinearSite]]:
     return out
 
 
+def row_sums_of(q_var, table, users) -> List[tuple]:
+    """(cast var, sum var) of every ``sum(astype(q, int32), axis=-1, keepdims=True)`` of ``q_var``
+    (the row sums an asymmetric-weight linear takes of its int8 input); ``table`` and ``users``
+    as :func:`bindings_of` and :func:`users_of` give them."""
+    out = []
+    ndim = len(q_var.ty.shape.values)
+    for cast_var in users.get(q_var, []):
+        cast = table.get(cast_var)
+        if not (isinstance(cast, relax.Call) and cast.op == tvm.ir.Op.get("relax.astype")
+                and str(cast.attrs.dtype) == "int32"):
+            continue
+        cast_users = list(users.get(cast_var, []))
+        if len(cast_users) != 1:
+            continue
+        red = table.get(cast_users[0])
+        if not (isinstance(red, relax.Call) and red.op == tvm.ir.Op.get("relax.sum")):
+            continue
+        axis = [int(a) % ndim for a in (red.attrs.axis or [])]
+        if axis == [ndim - 1] and bool(red.attrs.keepdims) and str(red.ty.dtype) == "int32":
+            out.append((cast_var, cast_users[0]))
+    return out
+
+
 def calls_extern(mod, symbols) -> bool:
     """Whether a Relax function of ``mod`` references an ``ExternFunc`` named in ``symbols`` (a
     name or names): the exported library must then link the kernels that define it."""

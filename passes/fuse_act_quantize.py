@@ -28,7 +28,7 @@ import tvm
 from tvm import IRModule, relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._linear import bindings_of, users_of
+from ._linear import bindings_of, row_sums_of, users_of
 from .offload_norm_act import ADD_RMS_NORM, RMS_NORM, SILU_MUL, SILU_MUL2
 
 SILU_MAX_PER_TOKEN = 16384  # norm_act.cu's row kernel: 256 threads x 8 chunks x 8
@@ -116,27 +116,10 @@ class _Fuser(PyExprMutator):
         dropped = [out_var] if call_var is not out_var else []
         rs_vars = []
         if kernel in (RMS_NORM, ADD_RMS_NORM) or int(q_var.ty.shape.values[-1]) <= SILU_MAX_PER_TOKEN:
-            for cast_var, rs_var in self._row_sums(q_var):
+            for cast_var, rs_var in row_sums_of(q_var, self.table, self.users):
                 dropped.append(cast_var)
                 rs_vars.append(rs_var)
         return _Site(call_var, out_var, kernel, q_var, [s, z], dropped=dropped, rs_vars=rs_vars)
-
-    def _row_sums(self, q_var) -> List[Tuple[relax.Var, relax.Var]]:
-        """(cast var, sum var) of every ``sum(astype(q, int32), axis=-1, keepdims=True)`` of q."""
-        out = []
-        ndim = len(q_var.ty.shape.values)
-        for cast_var in self.users.get(q_var, []):
-            cast = self.table.get(cast_var)
-            if not (_is_call(cast, "relax.astype") and str(cast.attrs.dtype) == "int32"):
-                continue
-            users = list(self.users.get(cast_var, []))
-            if len(users) != 1:
-                continue
-            red = self.table.get(users[0])
-            axis = [int(a) % ndim for a in (red.attrs.axis or [])] if _is_call(red, "relax.sum") else None
-            if axis == [ndim - 1] and bool(red.attrs.keepdims) and str(red.ty.dtype) == "int32":
-                out.append((cast_var, users[0]))
-        return out
 
     def _per_token_site(self, q_var, q) -> Optional[_Site]:
         # q = astype(clip(round(divide(xf, st)), -127, 127), int8), xf = astype(y, float32),

@@ -20,7 +20,9 @@ rows (prefill; decode keeps TVM's kernels, as OffloadNormAct does):
 
 ``xq`` (and ``rs``) stay as they are, so FuseActQuantize still moves their quantize into the
 RMSNorm kernel before. The kernel is bit-identical to the unfused fp16 GEMM + mlcq_silu_mul_q(s)
-and falls back to exactly those where the CUTLASS epilogue does not apply (small M, other GPUs).
+and falls back to exactly those where the CUTLASS epilogue does not apply or the policy in
+mlc_quant/kernels/linear.cu does not take it (small M, asymmetric weights above M = 128, other
+GPUs).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import tvm
 from tvm import IRModule, relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._linear import bindings_of, users_of
+from ._linear import bindings_of, calls_extern, row_sums_of, users_of
 from .offload_norm_act import _many_rows
 
 BLOCK = 8  # rows of gate, then of up, in turn (the accumulator fragment's 8-column chunks)
@@ -201,18 +203,8 @@ class _Fuser(PyExprMutator):
             return None
         xq, w, scale, asym = linear
         # the row sums of q the asymmetric down_proj takes: the epilogue writes them as well
-        rs_var = None
-        ndim = len(q_var.ty.shape.values)
-        for cast_var in self.users.get(q_var, []):
-            cast = self.table.get(cast_var)
-            if not (_is_call(cast, "relax.astype") and str(cast.attrs.dtype) == "int32"):
-                continue
-            users = list(self.users.get(cast_var, []))
-            red = self.table.get(users[0]) if len(users) == 1 else None
-            axis = [int(x) % ndim for x in (red.attrs.axis or [])] if _is_call(red, "relax.sum") else None
-            if axis == [ndim - 1] and bool(red.attrs.keepdims) and str(red.ty.dtype) == "int32":
-                rs_var = users[0]
-                break
+        row_sums = row_sums_of(q_var, self.table, self.users)
+        rs_var = row_sums[0][1] if row_sums else None
         name = "mlcq_w8a8" + ("_asym" if asym else "") + "_silu_q" + ("s" if rs_var is not None else "")
         return _Site(q_var, [xq, w, scale] + (asym or []) + [s, z], name, rs_var)
 
@@ -276,5 +268,4 @@ class FuseSiluGemm:  # pylint: disable=too-few-public-methods
 
 def uses_silu_gemm(mod: IRModule) -> bool:
     """Whether ``mod`` calls the fused kernels (they live in the mlc_quant kernel objects)."""
-    names = ("mlcq_w8a8_silu_q", "mlcq_w8a8_silu_qs", "mlcq_w8a8_asym_silu_q", "mlcq_w8a8_asym_silu_qs")
-    return any(f'"{n}"' in str(f) for _, f in mod.functions_items() if isinstance(f, relax.Function))
+    return calls_extern(mod, ["mlcq_w8a8" + a + "_silu_q" + s for a in ("", "_asym") for s in ("", "s")])

@@ -21,7 +21,7 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 from tvm.script import tirx as T
 
-from mlc_quant.passes.fuse_silu_gemm import FuseSiluGemm
+from mlc_quant.passes.fuse_silu_gemm import FuseSiluGemm, uses_silu_gemm
 from mlc_quant.passes.merge_sibling_linears import LinearMerge, interleave_rows, merge_params
 
 
@@ -251,6 +251,7 @@ def test_tiny_llama_cuda_dispatch_fuses_every_gate_up(scheme_name):
     mmod, _, _ = pipeline.merge_linears(synthetic_plan(mod, names, s).apply(mod), {}, s, interleave_swiglu=8)
     dmod = cd.dispatch_gemms(mmod, strict=True, attach_kernels=False)
     relax.analysis.well_formed(dmod)
+    assert uses_silu_gemm(dmod) and not uses_silu_gemm(mmod)  # the library must link the kernels
     fused = "mlcq_w8a8_asym_silu_qs" if scheme_name == "smq_q8i8f16_2" else "mlcq_w8a8_silu_q"
     for fn, want_fused in (("prefill", layers), ("decode", 0)):
         calls = []
