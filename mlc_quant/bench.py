@@ -663,6 +663,7 @@ def run_interleaved(build_root, config: str, schemes: Optional[Sequence[str]] = 
         return run, setup
 
     cases = [(f"prefill_{n}", n) for n in lengths] + [("decode", None)]
+    spans: List[Dict] = []
     for key, n in cases:
         ids = None if n is None else tvm.runtime.tensor(rng.integers(0, vocab, (1, n)).astype(np.int32), dev)
         fns = {s: (decode_of(m) if n is None else prefill_of(m, ids, n)) for s, m in models.items()}
@@ -684,13 +685,18 @@ def run_interleaved(build_root, config: str, schemes: Optional[Sequence[str]] = 
                     samples[s][key].append(timed(*fns[s], issue[s][key]))
         else:  # "blocks": every sample of one scheme, then the next (what `bench run` does, one process)
             for s in names:
+                t_warm = time.time()
                 warm(s)
+                t_samples = time.time()
                 for _ in range(rounds):
                     samples[s][key].append(timed(*fns[s], issue[s][key]))
+                # wall-clock spans, to line a block up with a power / clock log (nvidia-smi -lms)
+                spans.append({"scheme": s, "case": key, "warm_start": round(t_warm, 3),
+                              "samples_start": round(t_samples, 3), "end": round(time.time(), 3)})
     out: Dict = {"device": _device_facts(), "config": config, "order": order, "rounds": rounds, "warmup": warmup,
                  "warmup_s": warmup_s,
                  "decode_tokens": decode_tokens, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "schemes": {},
-                 "ratios": {}}
+                 "ratios": {}, "block_spans": spans}
     for s in names:
         out["schemes"][s] = {}
         for key, n in cases:

@@ -31,6 +31,14 @@ class LinearSite:
     out_features: int
 
 
+def emit_like(builder: relax.BlockBuilder, value: relax.Expr, var: relax.Var) -> relax.Var:
+    """Emit ``value`` under ``var``'s name as what ``var`` was: a dataflow var, or an output of
+    the dataflow block (a binding outside a dataflow block is a plain emit)."""
+    if isinstance(var, relax.DataflowVar) or not builder.current_block_is_dataflow():
+        return builder.emit(value, name_hint=var.name)
+    return builder.emit_output(value, name_hint=var.name)
+
+
 def bindings_of(func: relax.Function) -> Dict[relax.Var, relax.Expr]:
     """Map each bound var of the function's top-level blocks to its value."""
     table = {}

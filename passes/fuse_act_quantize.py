@@ -28,7 +28,7 @@ import tvm
 from tvm import IRModule, relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._linear import bindings_of, row_sums_of, users_of
+from ._linear import bindings_of, emit_like, row_sums_of, users_of
 from .offload_norm_act import ADD_RMS_NORM, RMS_NORM, SILU_MUL, SILU_MUL2
 
 SILU_MAX_PER_TOKEN = 16384  # norm_act.cu's row kernel: 256 threads x 8 chunks x 8
@@ -207,16 +207,11 @@ class _Fuser(PyExprMutator):
             call_var, index = self.rebind[var]
             fused = self._new[call_var]
             if isinstance(fused.ty, relax.TupleType):
-                self.set_var_remap(var, self._emit(relax.TupleGetItem(fused, index), var))
+                self.set_var_remap(var, emit_like(self.builder_, relax.TupleGetItem(fused, index), var))
             else:  # a static lone kernel: its one output is q
                 self.set_var_remap(var, fused)
             return
         super().visit_var_binding_(binding)
-
-    def _emit(self, value, var):
-        if isinstance(var, relax.DataflowVar) or not self.builder_.current_block_is_dataflow():
-            return self.builder_.emit(value, var.name)
-        return self.builder_.emit_output(value, var.name)
 
     def _emit_fused(self, site: _Site, call: relax.Call) -> None:
         args = [self.visit_expr(a) for a in call.args[1].fields] + list(site.scalars)
@@ -225,7 +220,7 @@ class _Fuser(PyExprMutator):
         outs = [site.q_var.ty] + ([site.st_var.ty] if per_token else []) + [v.ty for v in site.rs_vars[:1]]
         if site.kind == ADD_RMS_NORM:
             outs = [site.call_var.ty.fields[0]] + outs
-        new = self._emit(relax.call_dps_packed(name, args, outs if len(outs) > 1 else outs[0]), site.call_var)
+        new = emit_like(self.builder_, relax.call_dps_packed(name, args, outs if len(outs) > 1 else outs[0]), site.call_var)
         if site.kind == ADD_RMS_NORM:
             self.set_var_remap(site.call_var, new)
         self._new[site.call_var] = new

@@ -32,7 +32,7 @@ import tvm
 from tvm import IRModule, relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._linear import bindings_of, calls_extern, row_sums_of, users_of
+from ._linear import bindings_of, calls_extern, emit_like, row_sums_of, users_of
 from .offload_norm_act import _many_rows
 
 BLOCK = 8  # rows of gate, then of up, in turn (the accumulator fragment's 8-column chunks)
@@ -225,23 +225,18 @@ class _Fuser(PyExprMutator):
         if site is not None:
             args = [self.visit_expr(a) for a in site.args]
             if site.rs_var is None:
-                self.set_var_remap(var, self._emit(relax.call_dps_packed(site.name, args, var.ty), var))
+                self.set_var_remap(var, emit_like(self.builder_, relax.call_dps_packed(site.name, args, var.ty), var))
             else:
                 outs = [var.ty, site.rs_var.ty]
                 tup = self.builder_.emit(relax.call_dps_packed(site.name, args, outs), var.name + "_silu")
                 self._tuples[var] = tup
-                self.set_var_remap(var, self._emit(relax.TupleGetItem(tup, 0), var))
+                self.set_var_remap(var, emit_like(self.builder_, relax.TupleGetItem(tup, 0), var))
             self.fused += 1
             return
         if var in self.rebind:
-            self.set_var_remap(var, self._emit(relax.TupleGetItem(self._tuples[self.rebind[var]], 1), var))
+            self.set_var_remap(var, emit_like(self.builder_, relax.TupleGetItem(self._tuples[self.rebind[var]], 1), var))
             return
         super().visit_var_binding_(binding)
-
-    def _emit(self, value, var):
-        if isinstance(var, relax.DataflowVar) or not self.builder_.current_block_is_dataflow():
-            return self.builder_.emit(value, var.name)
-        return self.builder_.emit_output(value, var.name)
 
     def rewrite(self, func: relax.Function) -> relax.Function:
         self.plan(func)

@@ -39,7 +39,7 @@ import tvm
 from tvm import IRModule, relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._linear import bindings_of, find_linears, users_of
+from ._linear import bindings_of, emit_like, find_linears, users_of
 
 MERGED_ATTR = "mlc_quant.merged_linears"
 _Q_SUFFIXES = (".q", ".scale", ".zp", ".corr")
@@ -408,11 +408,7 @@ class _Merger(PyExprMutator):
             pieces = bb.emit(relax.op.split(y, cuts, axis=-1))
             items = [relax.TupleGetItem(pieces, i) for i in range(len(g))]
         for s, item in zip(g, items):
-            if isinstance(s.out, relax.DataflowVar) or not bb.current_block_is_dataflow():
-                new = bb.emit(item, name_hint=s.out.name)
-            else:
-                new = bb.emit_output(item, name_hint=s.out.name)
-            self.set_var_remap(s.out, new)
+            self.set_var_remap(s.out, emit_like(bb, item, s.out))
 
 
 # ------------------------------------------------------------------------------------- records

@@ -29,7 +29,7 @@ import tvm.sym
 from tvm import IRModule, relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._linear import bindings_of, calls_extern
+from ._linear import bindings_of, calls_extern, emit_like
 
 RMS_NORM, ADD_RMS_NORM, SILU_MUL = "mlcq_rms_norm", "mlcq_add_rms_norm", "mlcq_silu_mul"
 SILU_MUL2 = "mlcq_silu_mul2"  # gate and up as two tensors (linears not merged)
@@ -176,11 +176,7 @@ class _Rewriter(PyExprMutator):
         super().visit_var_binding_(binding)
 
     def _bind(self, var: relax.Var, value: relax.Expr) -> None:
-        if isinstance(var, relax.DataflowVar) or not self.builder_.current_block_is_dataflow():
-            new = self.builder_.emit(value, var.name)
-        else:  # an output of the dataflow block
-            new = self.builder_.emit_output(value, var.name)
-        self.set_var_remap(var, new)
+        self.set_var_remap(var, emit_like(self.builder_, value, var))
 
     def rewrite(self, func: relax.Function) -> relax.Function:
         self._plan(func)

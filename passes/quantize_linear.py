@@ -7,7 +7,7 @@ import tvm
 from tvm import IRModule, relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._linear import LinearSite, module_linears, users_of
+from ._linear import LinearSite, emit_like, module_linears, users_of
 
 
 @tvm.transform.module_pass(opt_level=0, name="mlc_quant.QuantizeLinear")
@@ -109,8 +109,4 @@ class _LinearQuantizer(PyExprMutator):
         x = self.visit_expr(site.x)
         y = self.scheme.emit_linear(self.builder_, x, self.wparams, site.name, self.act_qparams.get(site.name))
         y = self.builder_.normalize(y)
-        if isinstance(binding.var, relax.DataflowVar) or not self.builder_.current_block_is_dataflow():
-            new_var = self.builder_.emit(y, name_hint=binding.var.name)
-        else:
-            new_var = self.builder_.emit_output(y, name_hint=binding.var.name)
-        self.set_var_remap(binding.var, new_var)
+        self.set_var_remap(binding.var, emit_like(self.builder_, y, binding.var))

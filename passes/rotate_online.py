@@ -29,7 +29,7 @@ from tvm import IRModule, relax, tirx
 from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.script import tirx as T
 
-from ._linear import find_linears
+from ._linear import emit_like, find_linears
 
 _ATTN_FUSED_QKV = "vm.builtin.attention_kv_cache_attention_with_fused_qkv"
 _KV_CREATE = "vm.builtin.paged_attention_kv_cache_create"
@@ -336,9 +336,5 @@ class _Rotator(PyExprMutator):
 
     def _rebind(self, binding: relax.VarBinding, value: relax.Expr) -> None:
         value = self.builder_.normalize(value)
-        if isinstance(binding.var, relax.DataflowVar) or not self.builder_.current_block_is_dataflow():
-            new_var = self.builder_.emit(value, name_hint=binding.var.name)
-        else:
-            new_var = self.builder_.emit_output(value, name_hint=binding.var.name)
-        self.set_var_remap(binding.var, new_var)
+        self.set_var_remap(binding.var, emit_like(self.builder_, value, binding.var))
         self.changed = True

@@ -14,7 +14,7 @@ import tvm
 from tvm import IRModule, relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
-from ._linear import find_linears
+from ._linear import emit_like, find_linears
 
 
 @tvm.transform.module_pass(opt_level=0, name="mlc_quant.UntieHead")
@@ -62,9 +62,6 @@ class _Untie(PyExprMutator):
         if binding.var in self.targets:
             value = binding.value
             new_value = relax.op.permute_dims(self.head, value.attrs.axes)
-            new_var = self.builder_.emit(self.builder_.normalize(new_value), name_hint=binding.var.name) \
-                if isinstance(binding.var, relax.DataflowVar) or not self.builder_.current_block_is_dataflow() \
-                else self.builder_.emit_output(self.builder_.normalize(new_value), name_hint=binding.var.name)
-            self.set_var_remap(binding.var, new_var)
+            self.set_var_remap(binding.var, emit_like(self.builder_, self.builder_.normalize(new_value), binding.var))
             return
         super().visit_var_binding_(binding)
