@@ -34,6 +34,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from mlc_quant.nvml import card_of_torch_device
+
 log = logging.getLogger("mlc_quant")
 
 LLAMA2_7B = {
@@ -664,6 +666,7 @@ def run_interleaved(build_root, config: str, schemes: Optional[Sequence[str]] = 
 
     cases = [(f"prefill_{n}", n) for n in lengths] + [("decode", None)]
     spans: List[Dict] = []
+    card = card_of_torch_device(torch) if torch is not None else None  # NVML energy counter, or None
     for key, n in cases:
         ids = None if n is None else tvm.runtime.tensor(rng.integers(0, vocab, (1, n)).astype(np.int32), dev)
         fns = {s: (decode_of(m) if n is None else prefill_of(m, ids, n)) for s, m in models.items()}
@@ -687,12 +690,14 @@ def run_interleaved(build_root, config: str, schemes: Optional[Sequence[str]] = 
             for s in names:
                 t_warm = time.time()
                 warm(s)
-                t_samples = time.time()
+                t_samples, e0 = time.time(), card.energy_mj() if card else None
                 for _ in range(rounds):
                     samples[s][key].append(timed(*fns[s], issue[s][key]))
-                # wall-clock spans, to line a block up with a power / clock log (nvidia-smi -lms)
+                # wall-clock spans, to line a block up with a power / clock log (nvidia-smi -lms),
+                # and the card's energy per sample (the reset between samples included)
                 spans.append({"scheme": s, "case": key, "warm_start": round(t_warm, 3),
-                              "samples_start": round(t_samples, 3), "end": round(time.time(), 3)})
+                              "samples_start": round(t_samples, 3), "end": round(time.time(), 3),
+                              "joules_per_sample": round((card.energy_mj() - e0) / 1e3 / rounds, 4) if card else None})
     out: Dict = {"device": _device_facts(), "config": config, "order": order, "rounds": rounds, "warmup": warmup,
                  "warmup_s": warmup_s,
                  "decode_tokens": decode_tokens, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "schemes": {},

@@ -8,7 +8,7 @@ For each shape M x N x K (default: Llama-2-7B prefill, M=2048 and (N, K) = (4096
   fused          our W8A8 GEMM with the per-channel dequantize, fp16 out (auto policy: CUTLASS
                  with the dequantize fused in the epilogue, or cuBLASLt + epilogue for M <= 64)
   fused_cfgN     the same forced onto CUTLASS tile config N (0: 128x128 ping-pong, 1: stream-K,
-                 2: 64x128 ping-pong, the M <= 128 config;
+                 2: 64x128 ping-pong, the M <= 128 config, 3: 128x128 ping-pong in 2x1 clusters;
                  see cutlass_w8a8_sm90.cu)
   lt_i8+epi      cuBLASLt int8 -> int32 + our separate dequantize kernel (the unfused fallback)
   fused_token    per-token x per-channel scales (auto policy)
@@ -32,6 +32,10 @@ mlcq_silu_mul_q) against ``silu_fused`` (mlcq_linear_silu_q: the same values fro
 epilogue, passes/fuse_silu_gemm.py), the asymmetric ``_qs`` pair (row sums written too), and
 ``silu_fused_cfg0`` / ``_cfg2`` with the tile config forced.
 
+``--energy VARIANTS`` measures joules per call instead, with the card in the state a long prefill
+puts it in (at its power limit, clock lowered), at ``--m`` (default 512, 2048): under the cap a
+build's speed is its energy per token, so a config can win here and not at full clock, or lose.
+
 ``--tiles`` times every CUTLASS tile config at the shapes a merged Llama-2-7B layer runs
 (q/k/v 12288 x 4096, o 4096 x 4096, gate/up 22016 x 4096, down 4096 x 11008) for M = 128-2048:
 the data behind linear.cu's per-shape config choice.
@@ -47,7 +51,7 @@ LLAMA_SHAPES = [(2048, 4096, 4096), (2048, 11008, 4096), (2048, 4096, 11008)]
 SWEEP_M = [1, 16, 64, 128, 256, 512, 1024, 2048, 4096]
 SYM, ASYM, TOKEN, FLOAT = 1, 2, 3, 0
 AUTO, CUTLASS0, CUTLASS1, CUBLASLT, CUTLASS_CFG = 0, 2, 3, 4, 16
-N_CUTLASS_CONFIGS = 3  # add configs to cutlass_w8a8_sm90.cu and raise this to compare them
+N_CUTLASS_CONFIGS = 4  # add configs to cutlass_w8a8_sm90.cu and raise this to compare them
 MERGED_LAYER_NK = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]
 TILES_M = [128, 256, 512, 1024, 2048]
 
@@ -104,6 +108,13 @@ def time_interleaved(torch, runners, iters=20, rounds=9):
 
 
 def bench_shape(torch, tvm_ffi, lib, M, N, K, variants, rotate=3):
+    res, runners = build_runners(torch, tvm_ffi, lib, M, N, K, variants, rotate)
+    res.update(time_interleaved(torch, runners))
+    return res
+
+
+def build_runners(torch, tvm_ffi, lib, M, N, K, variants, rotate=3):
+    """({kernel names, errors}, {variant: replayable runner of 20 calls}) at one shape."""
     dev = "cuda"
     gen = torch.Generator(device=dev)
     gen.manual_seed(M * 131 + N * 7 + K)
@@ -178,8 +189,7 @@ def bench_shape(torch, tvm_ffi, lib, M, N, K, variants, rotate=3):
             res[f"{name}_error"] = str(err).splitlines()[0][:200]
         if name.startswith("silu"):
             res[f"{name}_kernel"] = str(lib["mlcq_last_kernel"]())
-    res.update(time_interleaved(torch, runners))
-    return res
+    return res, runners
 
 
 def main(argv=None):
@@ -191,6 +201,10 @@ def main(argv=None):
     p.add_argument("--tiles-only", action="store_true", help="--tiles, and skip the default shapes")
     p.add_argument("--silu", action="store_true",
                    help="only the gate/up GEMM with SiLU * up + quantize, fused and unfused")
+    p.add_argument("--energy", help="comma-separated variants (e.g. fused_cfg0,fused_cfg3,fp16): energy per call "
+                   "at the card's sustained (power-capped) state, merged-layer shapes")
+    p.add_argument("--m", type=lambda v: [int(x) for x in v.split(",")],
+                   help="comma-separated M values for --tiles / --energy (default 128-2048 / 512,2048)")
     p.add_argument("--json", help="write all numbers here")
     args = p.parse_args(argv)
 
@@ -209,11 +223,14 @@ def main(argv=None):
     main_variants = ["lt_i8", "fused", "fused_cfg0", "fused_cfg1", "lt_i8+epi", "fused_token",
                      "linear_q", "linear_token", "fp16", "torch_fp16"]
     results = {"card": card, "cublaslt_probes": probes, "shapes": []}
+    if args.energy:
+        results["energy"] = bench_energy(torch, tvm_ffi, lib, args.energy.split(","), args.m or [512, 2048])
+        return finish(results, args.json)
     if args.silu:
         results["silu"] = bench_silu(torch, tvm_ffi, lib)
         return finish(results, args.json)
     if args.tiles or args.tiles_only:
-        results["tiles"] = bench_tiles(torch, tvm_ffi, lib)
+        results["tiles"] = bench_tiles(torch, tvm_ffi, lib, args.m or TILES_M)
     if args.tiles_only:
         return finish(results, args.json)
     print(f"\n{'M':>5} {'N':>6} {'K':>6} | " + " | ".join(f"{v:>11}" for v in main_variants))
@@ -250,14 +267,14 @@ def main(argv=None):
     return finish(results, args.json)
 
 
-def bench_tiles(torch, tvm_ffi, lib):
+def bench_tiles(torch, tvm_ffi, lib, ms_list):
     """Every CUTLASS config at the merged-layer shapes; per M, the layer's summed GEMM time for
     the auto policy, for config 0 alone, for the best config per shape, and for fp16."""
     variants = ["fused"] + [f"fused_cfg{c}" for c in range(N_CUTLASS_CONFIGS)] + ["fp16"]
     print(f"\nCUTLASS tile configs (us): {'M':>5} {'N':>6} {'K':>6} | "
           + " | ".join(f"{v:>10}" for v in variants), flush=True)
     rows, per_m = [], {}
-    for M in TILES_M:
+    for M in ms_list:
         layer = dict.fromkeys(["fused", "fused_cfg0", "best", "fp16"], 0.0)
         for N, K in MERGED_LAYER_NK:
             r = bench_shape(torch, tvm_ffi, lib, M, N, K, variants)
@@ -282,6 +299,7 @@ def bench_tiles(torch, tvm_ffi, lib):
 def bench_silu(torch, tvm_ffi, lib):
     """The gate/up GEMM + SiLU * up + quantize, unfused and fused, at Llama-2-7B's shape."""
     variants = ["silu_unfused", "silu_fused", "silu_unfused_qs", "silu_fused_qs", "silu_fused_cfg0", "silu_fused_cfg2",
+                "silu_fused_cfg3",
                 "fp16"]
     print(f"\ngate/up + SiLU * up + quantize (us): {'M':>5} | " + " | ".join(f"{v:>15}" for v in variants), flush=True)
     rows = []
@@ -293,6 +311,72 @@ def bench_silu(torch, tvm_ffi, lib):
         print(f"                                     {M:>5} | " + " | ".join(cells)
               + f"  unfused/fused {r['silu_unfused'] / r['silu_fused']:.3f}x, "
               f"_qs {r['silu_unfused_qs'] / r['silu_fused_qs']:.3f}x [{r.get('silu_fused_kernel')}]", flush=True)
+    return rows
+
+
+def bench_energy(torch, tvm_ffi, lib, variants, ms_list, seconds=1.5, warm_s=0.5, rounds=2):
+    """Energy per call at the card's sustained state, where a long prefill runs: each variant's
+    graph replayed back to back (no host sync in between) for ``seconds``, after ``warm_s`` of the
+    same, with the NVML energy counter read around it and the SM clock / throttle reasons polled
+    by a thread. Round-robin over the variants, ``rounds`` times; medians."""
+    import threading  # pylint: disable=import-outside-toplevel
+    import time  # pylint: disable=import-outside-toplevel
+
+    from mlc_quant.nvml import SW_POWER_CAP, card_of_torch_device  # pylint: disable=import-outside-toplevel
+
+    card = card_of_torch_device(torch)
+    if card is None:
+        sys.exit("--energy needs NVML (libnvidia-ml.so.1) with an energy counter")
+    print(f"\nenergy per call at the sustained state (power limit {card.power_limit_w():.0f} W): "
+          "mJ, us per call, W, median SM MHz, power-capped share", flush=True)
+
+    def replay(run, n):
+        for _ in range(n):
+            run()
+        torch.cuda.synchronize()
+
+    def measure(run, per_replay_s):
+        replay(run, max(1, int(warm_s / per_replay_s)))
+        n = max(1, int(seconds / per_replay_s))
+        polled, stop = [], threading.Event()
+
+        def poll():
+            while not stop.is_set():
+                polled.append(card.read())
+                time.sleep(0.02)
+
+        th = threading.Thread(target=poll, daemon=True)
+        e0, t0 = card.energy_mj(), time.perf_counter()
+        th.start()
+        replay(run, n)
+        dt, de = time.perf_counter() - t0, card.energy_mj() - e0
+        stop.set()
+        th.join()
+        calls = n * 20
+        mhz = statistics.median(p.sm_mhz for p in polled) if polled else float("nan")
+        capped = sum(bool(p.reasons & SW_POWER_CAP) for p in polled) / max(len(polled), 1)
+        return de / calls, dt / calls * 1e6, de / 1e3 / dt, mhz, capped
+
+    rows = []
+    for M in ms_list:
+        for N, K in MERGED_LAYER_NK:
+            names = [v for v in variants if not v.startswith("silu") or N == 22016]  # SiLU: gate/up only
+            kernels, graphs = build_runners(torch, tvm_ffi, lib, M, N, K, names)
+            burst = time_interleaved(torch, graphs)  # the same graphs at full clock, for comparison
+            per = {name: [] for name in graphs}
+            for _ in range(rounds):
+                for name, run in graphs.items():
+                    per[name].append(measure(run, burst[name] * 20))
+            row = {"M": M, "N": N, "K": K}
+            cells = []
+            for name, v in per.items():
+                mj, us, w, mhz, cap = (statistics.median(x[i] for x in v) for i in range(5))
+                row[name] = {"mJ": round(mj, 4), "us": round(us, 2), "W": round(w, 1), "sm_mhz": mhz,
+                             "capped": round(cap, 2), "burst_us": round(burst[name] * 1e6, 2),
+                             "kernel": kernels.get(f"{name}_kernel")}
+                cells.append(f"{name} {mj:6.3f} mJ {us:6.1f} us {w:4.0f} W {mhz:4.0f} MHz {cap:.2f}")
+            rows.append(row)
+            print(f"  {M:>5} {N:>6} {K:>6} | " + " | ".join(cells), flush=True)
     return rows
 
 

@@ -40,9 +40,9 @@ CUTLASS_WHEEL = ("nvidia-cutlass", "4.2.0.0")
 CUBLAS_WHEEL = ("nvidia-cublas", "13.1.0.3")
 
 # Tile configurations compiled from cutlass_w8a8_sm90.cu (see the MLCQ_CFG blocks there).
-CUTLASS_CONFIGS = (0, 1, 2)
+CUTLASS_CONFIGS = (0, 1, 2, 3)
 # The configs compiled a second time with the SiLU * up + quantize epilogue (MLCQ_EPI=1).
-CUTLASS_SILU_CONFIGS = (0, 2)
+CUTLASS_SILU_CONFIGS = (0, 2, 3)
 # Generic (non-CUTLASS) code runs on Ampere too; CUTLASS needs sm_90a (wgmma, TMA).
 GENERIC_GENCODE = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
 SM90A_GENCODE = ["-gencode=arch=compute_90a,code=sm_90a"]
@@ -264,8 +264,8 @@ def _units() -> List[_Unit]:
                 KERNEL_DIR / "cutlass_w8a8_sm90.cu",
                 base + SM90A_GENCODE + ["--expt-relaxed-constexpr", f"-DMLCQ_CFG={cfg}", "-DMLCQ_ASYM=1"]
                 # griddepcontrol in the kernel, for PDL (mlcq_pdl.h); CUTLASS 4.2's stream-K
-                # scheduler does not compile with it (is_last_tile), so ping-pong only
-                + (["-DCUTLASS_ENABLE_GDC_FOR_SM90"] if cfg in (0, 2) else []),
+                # scheduler does not compile with it (is_last_tile), so ping-pong only (all but config 1)
+                + (["-DCUTLASS_ENABLE_GDC_FOR_SM90"] if cfg != 1 else []),
                 ("cutlass",),
             )
         )

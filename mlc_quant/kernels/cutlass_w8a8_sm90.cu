@@ -130,6 +130,20 @@ using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
 using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
 using TileScheduler = cutlass::gemm::PersistentScheduler;
 #define MLCQ_CFG_NAME "64x128x128_c1x1_pingpong"
+#elif MLCQ_CFG == 3
+// Two or four 128-row tiles (M = 129-256, 385-512; linear.cu's policy): config 0's tiles and
+// schedule in 2x1 clusters. The two CTAs of a cluster compute the same columns of adjacent row
+// tiles and share each weight tile through TMA multicast, where config 0's 1x2 clusters share
+// the activation tile. H100, Llama-2-7B's merged layer at M = 512: 4.7 % less time at full
+// clock, 5.8 % less energy per GEMM under the 700 W cap (docs/performance.md, session 9). With
+// an odd number of row tiles a cluster half idles (M = 384: 98 against 57 us for gate/up), and
+// from eight row tiles on config 0 is as fast or faster.
+using TileShape = Shape<_128, _128, _128>;
+using ClusterShape = Shape<_2, _1, _1>;
+using MainloopSchedule = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+using EpilogueSchedule = cutlass::epilogue::TmaWarpSpecialized;
+using TileScheduler = cutlass::gemm::PersistentScheduler;
+#define MLCQ_CFG_NAME "128x128x128_c2x1_pingpong"
 #else
 #error "unknown MLCQ_CFG"
 #endif

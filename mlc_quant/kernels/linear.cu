@@ -164,6 +164,12 @@ class Checker {
 
 bool Aligned(const void* p, int bytes) { return (reinterpret_cast<uintptr_t>(p) % bytes) == 0; }
 
+// An on/off switch from the environment, on unless set to 0, off or false (read once).
+bool EnvFlagOn(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr || !(!std::strcmp(v, "0") || !std::strcmp(v, "off") || !std::strcmp(v, "false"));
+}
+
 Backend EnvBackend(Backend requested) {
   if (requested != Backend::kAuto) return requested;
   static const Backend env = [] {
@@ -188,10 +194,7 @@ Backend EnvBackend(Backend requested) {
 // MLC_QUANT_GEMV=0 keeps small-M linears (int8 and fp16) off the GEMV kernels in the auto
 // policy: the pre-GEMV behaviour, for before/after measurements.
 bool GemvEnabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("MLC_QUANT_GEMV");
-    return v == nullptr || !(!std::strcmp(v, "0") || !std::strcmp(v, "off") || !std::strcmp(v, "false"));
-  }();
+  static const bool on = EnvFlagOn("MLC_QUANT_GEMV");
   return on;
 }
 
@@ -199,10 +202,16 @@ using CutlassFn = const char* (*)(const GemmProblem&, Workspace*, cudaStream_t);
 using CutlassNameFn = const char* (*)();
 // The asym-capable EVT covers every scheme (null operands = neutral), so one object per config.
 const CutlassFn kCutlassFns[kNumCutlassConfigs] = {
-    cutlass_w8a8_sm90_cfg0_asym1, cutlass_w8a8_sm90_cfg1_asym1, cutlass_w8a8_sm90_cfg2_asym1};
-const CutlassNameFn kCutlassNames[kNumCutlassConfigs] = {cutlass_w8a8_sm90_name_cfg0_asym1,
-                                                         cutlass_w8a8_sm90_name_cfg1_asym1,
-                                                         cutlass_w8a8_sm90_name_cfg2_asym1};
+    cutlass_w8a8_sm90_cfg0_asym1, cutlass_w8a8_sm90_cfg1_asym1, cutlass_w8a8_sm90_cfg2_asym1,
+    cutlass_w8a8_sm90_cfg3_asym1};
+const CutlassNameFn kCutlassNames[kNumCutlassConfigs] = {
+    cutlass_w8a8_sm90_name_cfg0_asym1, cutlass_w8a8_sm90_name_cfg1_asym1, cutlass_w8a8_sm90_name_cfg2_asym1,
+    cutlass_w8a8_sm90_name_cfg3_asym1};
+// The SiLU * up + quantize epilogue's objects (no stream-K variant: null).
+using CutlassSiluFn = const char* (*)(const GemmProblem&, const SiluQuantOut&, Workspace*, cudaStream_t);
+const CutlassSiluFn kCutlassSiluFns[kNumCutlassConfigs] = {
+    cutlass_w8a8_silu_q_sm90_cfg0_asym1, nullptr, cutlass_w8a8_silu_q_sm90_cfg2_asym1,
+    cutlass_w8a8_silu_q_sm90_cfg3_asym1};
 
 // The measured policy (scripts/bench_gemm.py --sweep, docs/performance.md):
 //  * M <= 64 (decode, short prompts): cuBLASLt's split-K int8 GEMM + the separate epilogue
@@ -212,13 +221,29 @@ const CutlassNameFn kCutlassNames[kNumCutlassConfigs] = {cutlass_w8a8_sm90_name_
 //    128-row tile; on the H100 it ran Llama-2-7B's M = 128 layer GEMMs in 98 us against 111 us
 //    with configs 0 / 1 (o_proj 10.5 against 15.8 us, down_proj 22.2 against 26.9);
 //  * too few 128x128 tiles for half the SMs: CUTLASS stream-K (config 1);
+//  * two or four 128-row tiles: 128x128 ping-pong in 2x1 clusters (config 3, weight tiles
+//    multicast); H100, Llama-2-7B's merged layer at M = 512: 169.5 against 177.5 us at full
+//    clock, and 127.5 against 135.4 mJ under the 700 W cap;
 //  * otherwise CUTLASS 128x128 ping-pong (config 0), at or above cuBLASLt int8 from M = 512.
 constexpr int64_t kSmallM = 64;
 
+// MLC_QUANT_CLUSTER_2X1=off keeps config 3 out of the auto policy (config 0 instead): the
+// policy before it, for before/after measurements of one build.
+bool Cluster2x1Enabled() {
+  static const bool on = EnvFlagOn("MLC_QUANT_CLUSTER_2X1");
+  return on;
+}
+
+// The ping-pong config for M rows (2, 3 or 0), what both the plain and the SiLU epilogue run.
+int PingpongConfigForRows(int64_t M) {
+  if (M <= 128) return 2;
+  const int64_t row_tiles = (M + 127) / 128;
+  return (row_tiles == 2 || row_tiles == 4) && Cluster2x1Enabled() ? 3 : 0;
+}
+
 int PickCutlassConfig(const GemmProblem& p, const DeviceInfo& info) {
-  if (p.M <= 128) return 2;
-  const int64_t tiles = ((p.M + 127) / 128) * ((p.N + 127) / 128);
-  return 2 * tiles <= info.sm_count ? 1 : 0;
+  if (p.M > 128 && 2 * ((p.M + 127) / 128) * ((p.N + 127) / 128) <= info.sm_count) return 1;
+  return PingpongConfigForRows(p.M);
 }
 
 // The tile config a backend value forces, or -1 (auto policy / not CUTLASS).
@@ -275,16 +300,12 @@ bool TryCublasLt(const GemmProblem& p, Workspace* ws, cudaStream_t stream) {
 // MLC_QUANT_SILU_EPILOGUE=off runs the fused op unfused (fp16 GEMM + the SiLU * up quantize
 // kernel, the same values): for before/after measurements of one build.
 bool SiluEpilogueEnabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("MLC_QUANT_SILU_EPILOGUE");
-    return v == nullptr || !(!std::strcmp(v, "0") || !std::strcmp(v, "off") || !std::strcmp(v, "false"));
-  }();
+  static const bool on = EnvFlagOn("MLC_QUANT_SILU_EPILOGUE");
   return on;
 }
 
-// The SiLU * up + quantize epilogue (ping-pong configs 0 and 2 only): true when it ran. Taken
-// where the auto policy would run CUTLASS (M > kSmallM) or CUTLASS is forced: config 2 up to
-// M = 128, config 0 above. H100, Llama-2-7B gate/up, fused against the GEMM + the SiLU kernel
+// The SiLU * up + quantize epilogue (the ping-pong configs): true when it ran. Taken where the
+// auto policy would run CUTLASS (M > kSmallM) or CUTLASS is forced, on PingpongConfigForRows. H100, Llama-2-7B gate/up, fused against the GEMM + the SiLU kernel
 // (docs/performance.md, session 8): symmetric 42.9 / 46.3 us at M = 128, 85.2 / 93.7 at 512,
 // 269.1 / 301.8 at 2048; asymmetric 42.5 / 51.2 at M = 128 but 100.9 / 95.5 at 512 and
 // 313.7 / 307.6 at 2048 (its zero points, corrections and row-sum atomics tip the epilogue over
@@ -297,12 +318,12 @@ bool TrySiluCutlass(const GemmProblem& p, Backend backend, const DeviceInfo& inf
   if (!forced && (backend != Backend::kAuto || p.M <= kSmallM || (p.asym() && p.M > kSiluAsymMaxM) ||
                   !SiluEpilogueEnabled()))
     return false;
-  if (cfg < 0) cfg = p.M <= 128 ? 2 : 0;
+  if (cfg < 0) cfg = PingpongConfigForRows(p.M);
   std::string why = CutlassUnusable(p, info);
-  if (why.empty() && cfg == 1) why = "the SiLU epilogue has no stream-K config";
+  if (why.empty() && kCutlassSiluFns[cfg] == nullptr) why = "the SiLU epilogue has no stream-K config";
   if (why.empty()) {
     if (p.silu->rowsum != nullptr) LaunchZeroI32(p.silu->rowsum, p.M, stream);
-    why = (cfg == 0 ? cutlass_w8a8_silu_q_sm90_cfg0_asym1 : cutlass_w8a8_silu_q_sm90_cfg2_asym1)(p, *p.silu, ws, stream);
+    why = kCutlassSiluFns[cfg](p, *p.silu, ws, stream);
   }
   if (!why.empty()) {
     if (forced) ThrowError("ValueError", "mlc_quant: CUTLASS backend forced but the SiLU epilogue is unusable: " + why);

@@ -102,12 +102,14 @@ void LaunchSimtW8A8(const GemmProblem& p, cudaStream_t stream);
 MLCQ_DECLARE_CUTLASS(0)
 MLCQ_DECLARE_CUTLASS(1)
 MLCQ_DECLARE_CUTLASS(2)
+MLCQ_DECLARE_CUTLASS(3)
 #undef MLCQ_DECLARE_CUTLASS
-constexpr int kNumCutlassConfigs = 3;
-// The SiLU * up + quantize epilogue (MLCQ_EPI=1): ping-pong configs 0 (M > 128) and 2 (M <= 128);
+constexpr int kNumCutlassConfigs = 4;
+// The SiLU * up + quantize epilogue (MLCQ_EPI=1): the ping-pong configs 0, 2 and 3;
 // o.rowsum, if given, must be zeroed first (the epilogue adds to it).
 const char* cutlass_w8a8_silu_q_sm90_cfg0_asym1(const GemmProblem&, const SiluQuantOut&, Workspace*, cudaStream_t);
 const char* cutlass_w8a8_silu_q_sm90_cfg2_asym1(const GemmProblem&, const SiluQuantOut&, Workspace*, cudaStream_t);
+const char* cutlass_w8a8_silu_q_sm90_cfg3_asym1(const GemmProblem&, const SiluQuantOut&, Workspace*, cudaStream_t);
 // The SiLU * up quantize of an fp16 gate/up tensor [M, 2I] interleaved like above (norm_act.cu):
 // the unfused fallback for shapes the CUTLASS epilogue does not take (decode GEMV, small M).
 void LaunchSiluMulQInterleaved(const void* gu, int64_t M, int64_t I, const float* s, const int8_t* z, int8_t* q,

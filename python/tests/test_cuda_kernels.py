@@ -621,12 +621,16 @@ def test_gpu_kernel_choice(klib):
     torch = _torch_cuda()
     sm90 = torch.cuda.get_device_capability() == (9, 0)
     # M > 64, K % 16 == 0 and N % 8 == 0: CUTLASS (64-row ping-pong up to M = 128, then 128x128
-    # ping-pong, or stream-K when the 128x128 tiles cannot fill half the SMs); M <= 64: cuBLASLt
-    # + epilogue; cuBLASLt's int8 GEMM where it has an algorithm (K % 4 == 0), else the CUDA-core kernel.
+    # ping-pong, in 2x1 clusters for two or four row tiles, or stream-K when the 128x128 tiles
+    # cannot fill half the SMs); M <= 64: cuBLASLt + epilogue; cuBLASLt's int8 GEMM where it has
+    # an algorithm (K % 4 == 0), else the CUDA-core kernel.
     pp = "cutlass:128x128x128_c1x2_pingpong" if sm90 else "cublaslt"
+    pp2x1 = "cutlass:128x128x128_c2x1_pingpong" if sm90 else "cublaslt"
     sk = "cutlass:128x64x128_c1x1_coop_streamk" if sm90 else "cublaslt"
     p64 = "cutlass:64x128x128_c1x1_pingpong" if sm90 else "cublaslt"
     expected = {(2048, 4096, 4096): (pp,), (256, 4096, 4096): (sk,), (16, 4096, 4096): ("cublaslt",),
+                (512, 4096, 4096): (pp2x1,), (450, 4096, 4096): (pp2x1,), (256, 12288, 4096): (pp2x1,),
+                (384, 4096, 4096): (pp,), (640, 4096, 4096): (pp,), (1024, 4096, 4096): (pp,),
                 (128, 4096, 4096): (p64,), (100, 22016, 512): (p64,),
                 (130, 328, 176): (sk,), (130, 200, 100): ("cublaslt",), (130, 72, 37): ("simt", "cublaslt"),
                 (130, 30, 64): ("cublaslt", "simt")}
@@ -649,7 +653,7 @@ def test_gpu_w8a8_every_backend(klib, backend, M, scheme):
 
 
 @needs_gpu
-@pytest.mark.parametrize("cfg", [0, 1, 2])
+@pytest.mark.parametrize("cfg", [0, 1, 2, 3])
 @pytest.mark.parametrize("M", [7, 130, 520])
 @pytest.mark.parametrize("scheme", _SCHEMES)
 def test_gpu_w8a8_every_cutlass_config(klib, cfg, M, scheme):

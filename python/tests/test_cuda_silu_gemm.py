@@ -119,11 +119,14 @@ def _check(klib, scheme, M, I, K, backend, unfused_backend, rowsum, seed, gain=1
 
 
 def _cfg_for(M):
-    return CUTLASS_CFG + (2 if M <= 128 else 0)  # linear.cu's choice for the SiLU epilogue
+    """linear.cu's tile config for the SiLU epilogue (PingpongConfigForRows)."""
+    if M <= 128:
+        return CUTLASS_CFG + 2
+    return CUTLASS_CFG + (3 if -(-M // 128) in (2, 4) else 0)
 
 
 @needs_gpu
-@pytest.mark.parametrize("M", [1, 5, 64, 65, 128, 129, 300, 1000])
+@pytest.mark.parametrize("M", [1, 5, 64, 65, 128, 129, 300, 500, 1000])
 @pytest.mark.parametrize("scheme", ["sym0", "sym1", "asym"])
 @pytest.mark.parametrize("rowsum", [False, True])
 def test_gpu_silu_gemm_equals_unfused(klib, M, scheme, rowsum):
@@ -133,19 +136,20 @@ def test_gpu_silu_gemm_equals_unfused(klib, M, scheme, rowsum):
     unfused = _cfg_for(M) if fused else AUTO
     kernel = _check(klib, scheme, M, 360, 256, AUTO, unfused, rowsum, seed=hash((M, scheme, rowsum)) % 2**31)
     if fused:
-        assert kernel.startswith("cutlass_silu_q:" + ("64x128" if M <= 128 else "128x128")), kernel
+        tile = "64x128x128_c1x1" if M <= 128 else "128x128x128_c2x1" if -(-M // 128) in (2, 4) else "128x128x128_c1x2"
+        assert kernel.startswith("cutlass_silu_q:" + tile), kernel
     else:
         assert kernel.endswith("+silu_mul_q"), kernel
 
 
 @needs_gpu
-@pytest.mark.parametrize("backend", [CUTLASS_CFG + 0, CUTLASS_CFG + 2, CUTLASS, CUBLASLT, SIMT])
+@pytest.mark.parametrize("backend", [CUTLASS_CFG + 0, CUTLASS_CFG + 2, CUTLASS_CFG + 3, CUTLASS, CUBLASLT, SIMT])
 @pytest.mark.parametrize("M", [7, 130, 520])
 @pytest.mark.parametrize("scheme", ["sym1", "asym"])
 def test_gpu_silu_gemm_every_backend(klib, backend, M, scheme):
     unfused = _cfg_for(M) if backend == CUTLASS else backend
     kernel = _check(klib, scheme, M, 176, 128, backend, unfused, True, seed=hash((backend, M, scheme)) % 2**31)
-    fused = backend in (CUTLASS_CFG + 0, CUTLASS_CFG + 2, CUTLASS)
+    fused = backend in (CUTLASS_CFG + 0, CUTLASS_CFG + 2, CUTLASS_CFG + 3, CUTLASS)
     assert kernel.startswith("cutlass_silu_q:") == fused, kernel
 
 
@@ -162,7 +166,8 @@ def test_gpu_silu_gemm_saturated(klib, M):
 @needs_gpu
 def test_gpu_silu_gemm_llama_shape(klib):
     """Llama-2-7B's gate/up (I = 11008, K = 4096) at a 512-token prefill."""
-    _check(klib, "sym1", 512, 11008, 4096, AUTO, CUTLASS_CFG + 0, True, seed=7)
+    kernel = _check(klib, "sym1", 512, 11008, 4096, AUTO, CUTLASS_CFG + 0, True, seed=7)
+    assert kernel.startswith("cutlass_silu_q:128x128x128_c2x1"), kernel  # against config 0's bits
 
 
 @needs_gpu
