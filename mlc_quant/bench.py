@@ -671,12 +671,15 @@ def run_interleaved(build_root, config: str, schemes: Optional[Sequence[str]] = 
         ids = None if n is None else tvm.runtime.tensor(rng.integers(0, vocab, (1, n)).astype(np.int32), dev)
         fns = {s: (decode_of(m) if n is None else prefill_of(m, ids, n)) for s, m in models.items()}
 
-        def warm(s):
-            t_end = time.perf_counter() + warmup_s
+        def warm(s) -> int:
+            t_end, n = time.perf_counter() + warmup_s, 0
             for _ in range(max(warmup, 1)):
                 timed(*fns[s])
+                n += 1
             while time.perf_counter() < t_end:
                 timed(*fns[s])
+                n += 1
+            return n
 
         for s in names:
             samples[s][key], issue[s][key] = [], []
@@ -688,16 +691,18 @@ def run_interleaved(build_root, config: str, schemes: Optional[Sequence[str]] = 
                     samples[s][key].append(timed(*fns[s], issue[s][key]))
         else:  # "blocks": every sample of one scheme, then the next (what `bench run` does, one process)
             for s in names:
-                t_warm = time.time()
-                warm(s)
-                t_samples, e0 = time.time(), card.energy_mj() if card else None
+                t_warm, e0 = time.time(), card.energy_mj() if card else None
+                n_warm = warm(s)
+                t_samples = time.time()
                 for _ in range(rounds):
                     samples[s][key].append(timed(*fns[s], issue[s][key]))
                 # wall-clock spans, to line a block up with a power / clock log (nvidia-smi -lms),
-                # and the card's energy per sample (the reset between samples included)
+                # and the card's energy per call over the warm-up and the samples (the reset
+                # between calls included; NVML's counter moves in steps too coarse for the samples alone)
                 spans.append({"scheme": s, "case": key, "warm_start": round(t_warm, 3),
                               "samples_start": round(t_samples, 3), "end": round(time.time(), 3),
-                              "joules_per_sample": round((card.energy_mj() - e0) / 1e3 / rounds, 4) if card else None})
+                              "joules_per_call": (round((card.energy_mj() - e0) / 1e3 / (n_warm + rounds), 4)
+                                                  if card else None)})
     out: Dict = {"device": _device_facts(), "config": config, "order": order, "rounds": rounds, "warmup": warmup,
                  "warmup_s": warmup_s,
                  "decode_tokens": decode_tokens, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "schemes": {},

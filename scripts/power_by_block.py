@@ -51,7 +51,7 @@ def summarize(rows, spans):
                     "power_w_median": round(statistics.median(r[2] for r in inside), 1),
                     "power_w_max": round(max(r[2] for r in inside), 1),
                     "power_capped_share": round(sum(1 for r in inside if r[3] & SW_POWER_CAP) / len(inside), 2),
-                    "joules_per_sample": b.get("joules_per_sample")})
+                    "joules_per_call": b.get("joules_per_call")})
     return out
 
 
@@ -71,14 +71,14 @@ def main(argv=None) -> int:
         print(f"{args.log}: no log lines", file=sys.stderr)
         return 2
     table = summarize(rows, spans)
-    print(f"{'scheme':16} {'case':12} {'lines':>5} {'MHz med':>8} {'MHz min':>8} {'W med':>7} {'W max':>7} {'capped':>6} {'J/sample':>9}")
+    print(f"{'scheme':16} {'case':12} {'lines':>5} {'MHz med':>8} {'MHz min':>8} {'W med':>7} {'W max':>7} {'capped':>6} {'J/call':>9}")
     for r in table:
         if not r["log_lines"]:
             print(f"{r['scheme']:16} {r['case']:12} {0:>5}  (no log lines in the block: clocks out of line?)")
             continue
         print(f"{r['scheme']:16} {r['case']:12} {r['log_lines']:>5} {r['sm_mhz_median']:>8.0f} {r['sm_mhz_min']:>8.0f} "
               f"{r['power_w_median']:>7.1f} {r['power_w_max']:>7.1f} {r['power_capped_share']:>6.2f} "
-              f"{r['joules_per_sample'] if r['joules_per_sample'] is not None else '-':>9}")
+              f"{r['joules_per_call'] if r['joules_per_call'] is not None else '-':>9}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(table, f, indent=1)
