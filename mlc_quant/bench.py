@@ -616,7 +616,9 @@ def run_interleaved(build_root, config: str, schemes: Optional[Sequence[str]] = 
     (its order rotated every round), which spreads slow drift of the card over all schemes but
     starts every sample in the previous scheme's power state. Keeps every sample and its host
     issue time; the ratios are those of the medians and, sample by sample, of the paired
-    samples (their median and spread)."""
+    samples (their median and spread). With ``order="blocks"``, ``block_spans`` gives each
+    block's wall-clock span (for ``scripts/power_by_block.py`` and an nvidia-smi log) and, where
+    NVML is there, the card's joules per call over the block."""
     if order not in ("turns", "blocks"):
         raise ValueError(f"order must be 'turns' or 'blocks', not {order!r}")
     if rounds < 1 or warmup < 0 or warmup_s < 0:
