@@ -1065,6 +1065,20 @@ def main(args) -> int:
     return 0
 
 
+def _interleave_as_runs(out: Dict) -> Dict:
+    """``bench interleave`` output in ``bench run``'s shape (runs per scheme, no reference), for plot()."""
+    runs = []
+    for scheme, cases in out["schemes"].items():
+        run = {"model": out.get("config", "?"), "scheme": scheme, "prefill": {}, "decode": {}}
+        for key, v in cases.items():
+            if key == "decode":
+                run["decode"] = {"tokens_per_s": v["tokens_per_s"]}
+            else:
+                run["prefill"][key[len("prefill_"):]] = {"tokens_per_s": v["tokens_per_s"]}
+        runs.append(run)
+    return {"runs": runs, "reference": [], "device": out.get("device", {})}
+
+
 def plot(out: Dict, path: str) -> None:
     """Bars per model: prefill tokens/s at each length and decode tokens/s, every implementation."""
     import matplotlib  # pylint: disable=import-outside-toplevel
@@ -1072,6 +1086,8 @@ def plot(out: Dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
+    if "schemes" in out:  # a `bench interleave` JSON: one config, every scheme in its steady state
+        out = _interleave_as_runs(out)
     models = sorted({r.get("model") for r in out["runs"]})
     metrics = [("prefill", "128"), ("prefill", "512"), ("prefill", "2048"), ("decode", None)]
     fig, axes = plt.subplots(len(models), len(metrics), figsize=(4.2 * len(metrics), 3.6 * len(models)),

@@ -47,6 +47,22 @@ def test_interleaved_samples_and_ratios(tiny_builds, order):
         assert r[k]["paired_min"] <= r[k]["paired_median"] <= r[k]["paired_max"]
     text = bench.format_interleaved(out)
     assert "smq_q8i8f16_0" in text and "prefill_16" in text
+    spans = out["block_spans"]
+    if order == "turns":
+        assert spans == []
+        return
+    # one span per (case, scheme), in the order run, for lining up with an nvidia-smi log
+    assert [(b["case"], b["scheme"]) for b in spans] == [(k, s) for k in keys for s in out["schemes"]]
+    for b, nxt in zip(spans, spans[1:] + [None]):
+        assert b["warm_start"] <= b["samples_start"] <= b["end"]
+        assert nxt is None or b["end"] <= nxt["warm_start"]
+        assert b["joules_per_call"] is None  # no NVML for a CPU build
+    # the plot takes it in bench run's shape
+    runs = bench._interleave_as_runs(out)["runs"]  # pylint: disable=protected-access
+    assert {r["scheme"] for r in runs} == set(out["schemes"])
+    q = next(r for r in runs if r["scheme"] == "q0f16")
+    assert q["prefill"]["16"]["tokens_per_s"] == out["schemes"]["q0f16"]["prefill_16"]["tokens_per_s"]
+    assert q["decode"]["tokens_per_s"] == out["schemes"]["q0f16"]["decode"]["tokens_per_s"]
 
 
 def test_interleaved_refuses_bad_input(tiny_builds):
