@@ -155,6 +155,17 @@ class Checker {
     if (t == nullptr) Fail(std::string(name) + " is required for this scheme");
   }
 
+  // A static (per-tensor) quantization: the scale a float32 scalar (required), the zero point
+  // an int8 scalar (optional).
+  void StaticQuant(const DLTensor* s, const char* s_name, const DLTensor* z, const char* z_name) const {
+    Required(s, s_name);
+    DType(s, s_name, kDLFloat, 32);
+    if (Numel(s) != 1) Fail(std::string(s_name) + " must be a scalar (per-tensor quantization)");
+    if (z == nullptr) return;
+    DType(z, z_name, kDLInt, 8);
+    if (Numel(z) != 1) Fail(std::string(z_name) + " must be a scalar");
+  }
+
   int device() const { return device_; }
 
  private:
@@ -420,13 +431,7 @@ void RunLinear(const LinearArgs& a) {
     ck.DType(a.silu_q, "silu_q", kDLInt, 8);
     if (a.silu_q->ndim < 1 || a.silu_q->shape[a.silu_q->ndim - 1] != N / 2 || Numel(a.silu_q) != M * (N / 2))
       ck.Fail("silu_q must be [..., " + std::to_string(N / 2) + "] with " + std::to_string(M) + " rows");
-    ck.Required(a.act_scale, "act_scale");
-    ck.DType(a.act_scale, "act_scale", kDLFloat, 32);
-    if (Numel(a.act_scale) != 1) ck.Fail("act_scale must be a scalar");
-    if (a.act_zero != nullptr) {
-      ck.DType(a.act_zero, "act_zero", kDLInt, 8);
-      if (Numel(a.act_zero) != 1) ck.Fail("act_zero must be a scalar");
-    }
+    ck.StaticQuant(a.act_scale, "act_scale", a.act_zero, "act_zero");
     if (a.q_rowsum != nullptr) {
       ck.DType(a.q_rowsum, "q_rowsum", kDLInt, 32);
       if (Numel(a.q_rowsum) != M) ck.Fail("q_rowsum must have one value per row of x");
@@ -549,15 +554,7 @@ void RunLinear(const LinearArgs& a) {
     }
   }
 
-  if (!x_is_int8 && !per_token) {
-    ck.Required(a.x_scale, "x_scale");
-    ck.DType(a.x_scale, "x_scale", kDLFloat, 32);
-    if (Numel(a.x_scale) != 1) ck.Fail("x_scale must be a scalar (per-tensor quantization)");
-    if (a.x_zero != nullptr) {
-      ck.DType(a.x_zero, "x_zero", kDLInt, 8);
-      if (Numel(a.x_zero) != 1) ck.Fail("x_zero must be a scalar");
-    }
-  }
+  if (!x_is_int8 && !per_token) ck.StaticQuant(a.x_scale, "x_scale", a.x_zero, "x_zero");
   if (try_gemv) {
     gin.x_mode = x_is_int8 ? 0 : per_token ? (gin.token_eps != nullptr ? 3 : 2) : 1;
     gin.x_scale = static_cast<const float*>(Data(a.x_scale));
@@ -594,18 +591,9 @@ void RunLinear(const LinearArgs& a) {
                                     dynamic_scale, stream);
     } else if (per_token) {
       LaunchQuantizePerToken(Data(a.x), x_kind, M, K, p.scale_row, q, rowsum, stream);
-    } else {
-      ck.Required(a.x_scale, "x_scale");
-      ck.DType(a.x_scale, "x_scale", kDLFloat, 32);
-      if (Numel(a.x_scale) != 1) ck.Fail("x_scale must be a scalar (per-tensor quantization)");
-      const int8_t* z = nullptr;
-      if (a.x_zero != nullptr) {
-        ck.DType(a.x_zero, "x_zero", kDLInt, 8);
-        if (Numel(a.x_zero) != 1) ck.Fail("x_zero must be a scalar");
-        z = static_cast<const int8_t*>(Data(a.x_zero));
-      }
+    } else {  // x_scale / x_zero checked above
       LaunchQuantizePerTensor(Data(a.x), x_kind, M, K, static_cast<const float*>(Data(a.x_scale)),
-                              z, q, rowsum, stream);
+                              static_cast<const int8_t*>(Data(a.x_zero)), q, rowsum, stream);
     }
     p.x = q;
   }
@@ -623,15 +611,18 @@ using tvm::ffi::Optional;
 using tvm::ffi::TensorView;
 using OptT = Optional<TensorView>;
 
+// A backend value the entry points take: mlcq::Backend's named values, or 16 + a tile config.
+bool ValidBackend(int64_t backend) {
+  const int64_t cfg0 = static_cast<int64_t>(mlcq::Backend::kCutlassCfgBase);
+  return (backend >= 0 && backend <= 6) || (backend >= cfg0 && backend < cfg0 + mlcq::kNumCutlassConfigs);
+}
+
 void Linear(int64_t scheme, int64_t backend, TensorView x, TensorView w, bool w_kn, OptT x_scale,
             OptT x_zero, OptT token_scale, OptT token_eps, OptT scale, OptT w_zero, OptT corr,
             OptT row_sum, OptT bias, TensorView out) {
   using mlcq::DLView;
   if (scheme < 0 || scheme > 3) TVM_FFI_THROW(ValueError) << "mlcq_linear: bad scheme " << scheme;
-  if ((backend < 0 || backend > 6) &&
-      (backend < static_cast<int64_t>(mlcq::Backend::kCutlassCfgBase) ||
-       backend >= static_cast<int64_t>(mlcq::Backend::kCutlassCfgBase) + mlcq::kNumCutlassConfigs))
-    TVM_FFI_THROW(ValueError) << "mlcq_linear: bad backend " << backend;
+  if (!ValidBackend(backend)) TVM_FFI_THROW(ValueError) << "mlcq_linear: bad backend " << backend;
   DLView vx(x, "x"), vw(w, "w"), vxs(x_scale, "x_scale"), vxz(x_zero, "x_zero"),
       vts(token_scale, "token_scale"), vte(token_eps, "token_eps"), vs(scale, "scale"),
       vwz(w_zero, "w_zero"),
@@ -653,10 +644,7 @@ void LinearSiluQ(int64_t scheme, int64_t backend, TensorView x, TensorView w, Op
   using mlcq::DLView;
   if (scheme != static_cast<int64_t>(mlcq::Scheme::kSymmetric) && scheme != static_cast<int64_t>(mlcq::Scheme::kAsymmetric))
     TVM_FFI_THROW(ValueError) << "mlcq_linear_silu_q: scheme must be 1 (symmetric) or 2 (asymmetric), got " << scheme;
-  if ((backend < 0 || backend > 6) &&
-      (backend < static_cast<int64_t>(mlcq::Backend::kCutlassCfgBase) ||
-       backend >= static_cast<int64_t>(mlcq::Backend::kCutlassCfgBase) + mlcq::kNumCutlassConfigs))
-    TVM_FFI_THROW(ValueError) << "mlcq_linear_silu_q: bad backend " << backend;
+  if (!ValidBackend(backend)) TVM_FFI_THROW(ValueError) << "mlcq_linear_silu_q: bad backend " << backend;
   DLView vx(x, "x"), vw(w, "w"), vxs(x_scale, "x_scale"), vxz(x_zero, "x_zero"), vs(scale, "scale"),
       vwz(w_zero, "w_zero"), vc(corr, "corr"), vrs(row_sum, "row_sum"), vas(act_scale, "act_scale"),
       vaz(act_zero, "act_zero"), vq(q, "q"), vqr(q_rowsum, "q_rowsum");

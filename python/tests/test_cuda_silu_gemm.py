@@ -187,3 +187,8 @@ def test_gpu_silu_gemm_rejects_bad_arguments(klib):
         klib["mlcq_linear_silu_q"](*args(scheme=3))
     with pytest.raises(Exception, match="no stream-K"):
         klib["mlcq_linear_silu_q"](*args(backend=CUTLASS_CFG + 1))
+    with pytest.raises(Exception, match="bad backend"):
+        klib["mlcq_linear_silu_q"](*args(backend=CUTLASS_CFG + 99))
+    with pytest.raises(Exception, match="act_scale must be a scalar"):
+        bad = _d(np.full(2, 0.02, np.float32))
+        klib["mlcq_linear_silu_q"](*args()[:10], bad, *args()[11:])
