@@ -316,8 +316,9 @@ bool SiluEpilogueEnabled() {
 }
 
 // The SiLU * up + quantize epilogue (the ping-pong configs): true when it ran. Taken where the
-// auto policy would run CUTLASS (M > kSmallM) or CUTLASS is forced, on PingpongConfigForRows. H100, Llama-2-7B gate/up, fused against the GEMM + the SiLU kernel
-// (docs/performance.md, session 8): symmetric 42.9 / 46.3 us at M = 128, 85.2 / 93.7 at 512,
+// auto policy would run CUTLASS (M > kSmallM) or CUTLASS is forced, on PingpongConfigForRows.
+// H100, Llama-2-7B gate/up, fused against the GEMM + the SiLU kernel (docs/performance.md,
+// session 8): symmetric 42.9 / 46.3 us at M = 128, 85.2 / 93.7 at 512,
 // 269.1 / 301.8 at 2048; asymmetric 42.5 / 51.2 at M = 128 but 100.9 / 95.5 at 512 and
 // 313.7 / 307.6 at 2048 (its zero points, corrections and row-sum atomics tip the epilogue over
 // the other consumer's mainloop), so asymmetric weights are fused up to M = 128 only.
