@@ -674,14 +674,14 @@ def run_interleaved(build_root, config: str, schemes: Optional[Sequence[str]] = 
         fns = {s: (decode_of(m) if n is None else prefill_of(m, ids, n)) for s, m in models.items()}
 
         def warm(s) -> int:
-            t_end, n = time.perf_counter() + warmup_s, 0
+            t_end, calls = time.perf_counter() + warmup_s, 0
             for _ in range(max(warmup, 1)):
                 timed(*fns[s])
-                n += 1
+                calls += 1
             while time.perf_counter() < t_end:
                 timed(*fns[s])
-                n += 1
-            return n
+                calls += 1
+            return calls
 
         for s in names:
             samples[s][key], issue[s][key] = [], []

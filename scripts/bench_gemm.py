@@ -30,7 +30,7 @@ the full mlc_quant installed and nvcc present, it is built on the fly.
 down_proj's quantize, M = 128-2048: ``silu_unfused`` (the fp16 GEMM, then norm_act.cu's
 mlcq_silu_mul_q) against ``silu_fused`` (mlcq_linear_silu_q: the same values from the GEMM's
 epilogue, passes/fuse_silu_gemm.py), the asymmetric ``_qs`` pair (row sums written too), and
-``silu_fused_cfg0`` / ``_cfg2`` with the tile config forced.
+``silu_fused_cfg0`` / ``_cfg2`` / ``_cfg3`` with the tile config forced.
 
 ``--energy VARIANTS`` measures joules per call instead, with the card in the state a long prefill
 puts it in (at its power limit, clock lowered), at ``--m`` (default 512, 2048): under the cap a
@@ -299,8 +299,7 @@ def bench_tiles(torch, tvm_ffi, lib, ms_list):
 def bench_silu(torch, tvm_ffi, lib):
     """The gate/up GEMM + SiLU * up + quantize, unfused and fused, at Llama-2-7B's shape."""
     variants = ["silu_unfused", "silu_fused", "silu_unfused_qs", "silu_fused_qs", "silu_fused_cfg0", "silu_fused_cfg2",
-                "silu_fused_cfg3",
-                "fp16"]
+                "silu_fused_cfg3", "fp16"]
     print(f"\ngate/up + SiLU * up + quantize (us): {'M':>5} | " + " | ".join(f"{v:>15}" for v in variants), flush=True)
     rows = []
     for M in TILES_M:

@@ -22,7 +22,8 @@ import json
 import statistics
 import sys
 
-SW_POWER_CAP = 0x4
+from mlc_quant.nvml import SW_POWER_CAP  # the same bit in nvidia-smi's clocks_event_reasons
+
 
 
 def read_log(path: str, utc_offset_h: float):
